@@ -1,0 +1,59 @@
+"""``midiforge``: one command, one sub-command per stage.
+
+Each sub-command lives in its own module, which exposes ``add_arguments(parser)``
+and ``main(args) -> int``.  Modules import their heavy dependencies (Ray,
+TensorFlow) inside ``main`` so that ``midiforge --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from midiforge.errors import MidiforgeError
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "preprocess": ("midiforge.pipeline.preprocess", "MIDI and score files -> Parquet token shards (Ray)"),
+    "train": ("midiforge.pipeline.train", "token shards -> LSTM model bundle (tf.distribute)"),
+    "generate": ("midiforge.pipeline.generate", "model bundle -> MIDI pieces from random seeds (Ray)"),
+    "verify": ("midiforge.pipeline.verify", "check a stage's output against its manifest"),
+    "demo": ("midiforge.pipeline.demo", "the whole pipeline on the embedded demo corpus"),
+}
+
+
+def build_parser(available: dict[str, object]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="midiforge", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module in available.items():
+        _, help_text = COMMANDS[name]
+        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip())
+        module.add_arguments(p)
+    return parser
+
+
+def _modules() -> dict[str, object]:
+    out = {}
+    for name, (modname, _help) in COMMANDS.items():
+        try:
+            out[name] = importlib.import_module(modname)
+        except ModuleNotFoundError as exc:
+            if exc.name != modname:  # a real missing dependency, not a stage not built yet
+                raise
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    modules = _modules()
+    args = build_parser(modules).parse_args(argv)
+    try:
+        return int(modules[args.command].main(args) or 0)
+    except MidiforgeError as exc:
+        print(f"midiforge {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"midiforge {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,446 @@
+"""Tokenizers: :class:`EventsTokenizer` (time-aware, the default) and :class:`ClassicTokenizer`
+(the Keras-tutorial encoding).  Both read a :class:`~midiforge.music.piece.Piece` and are
+fully described by their ``tokenizer.json`` (:meth:`to_json` / :func:`load_tokenizer`).
+
+Ids 0..3 are always PAD, BOS, EOS, UNK.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+
+from midiforge.errors import MidiforgeError
+from midiforge.music.piece import DRUM_PROGRAM, Piece
+
+SPECIALS = ("PAD", "BOS", "EOS", "UNK")
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+FORMAT = "midiforge-tokenizer"
+FORMAT_VERSION = 1
+
+# music21's spelling of MIDI numbers (pitch.Pitch(midi=m)), which the tutorial's tokens use.
+_NAMES = ("C", "C#", "D", "E-", "E", "F", "F#", "G", "G#", "A", "B-", "B")
+PITCH_NAMES = tuple(f"{_NAMES[m % 12]}{m // 12 - 1}" for m in range(128))
+_NAME_TO_MIDI = {n: m for m, n in enumerate(PITCH_NAMES)}
+
+
+def _ragged_arange(counts: np.ndarray) -> np.ndarray:
+    """[0..c0-1, 0..c1-1, ...] for non-negative counts."""
+    total = int(counts.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    ends = np.cumsum(counts)
+    return np.arange(total) - np.repeat(ends - counts, counts)
+
+
+def _short_hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
+
+
+# ---------------------------------------------------------------------------------------------
+# events
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EventsConfig:
+    steps_per_quarter: int = 4        # onset/duration grid: 4 = sixteenth notes
+    max_shift_steps: int = 16         # TIME_SHIFT_1..N; longer rests chain several shifts
+    max_duration_steps: int = 64      # DURATION_1..N; longer notes are clipped to N
+    velocity_bins: int = 8            # 0: no velocity tokens (all notes decode at velocity 80)
+    programs: bool = False            # PROGRAM_p tokens; off: all pitched tracks merged (piano reduction)
+    drums: bool = False               # keep drum tracks (DRUM token); off: drums dropped
+    bars: bool = False                # BAR tokens at each bar line (first time signature)
+    tempo_bins: int = 32              # TEMPO_i after BOS (first tempo, log-spaced 30..300 qpm); 0: none
+    tempo_min: float = 30.0
+    tempo_max: float = 300.0
+
+    def __post_init__(self) -> None:
+        for name in ("steps_per_quarter", "max_shift_steps", "max_duration_steps"):
+            if getattr(self, name) < 1:
+                raise MidiforgeError(f"events tokenizer: {name} must be >= 1")
+        if not 0 <= self.velocity_bins <= 127:
+            raise MidiforgeError("events tokenizer: velocity_bins must be in 0..127")
+        if self.tempo_bins < 0 or not 0 < self.tempo_min < self.tempo_max:
+            raise MidiforgeError("events tokenizer: bad tempo settings")
+
+
+@dataclass
+class QuantizedNotes:
+    """A piece on the tokenizer's grid, in canonical order; what a round trip preserves."""
+
+    onset: np.ndarray     # steps
+    duration: np.ndarray  # steps, 1..max_duration_steps
+    pitch: np.ndarray
+    velocity: np.ndarray  # bin (0 when velocity_bins == 0)
+    program: np.ndarray   # 0..127 or DRUM_PROGRAM (0 for every pitched note when programs is off)
+    tempo: int = -1       # tempo bin, -1 when tempo_bins == 0
+
+    def as_tuple(self):
+        return (self.tempo, *(a.tolist() for a in (self.onset, self.duration, self.pitch, self.velocity, self.program)))
+
+
+class EventsTokenizer:
+    """Time-shift/pitch/duration events; the vocabulary depends on the settings only."""
+
+    kind = "events"
+
+    def __init__(self, config: EventsConfig | None = None) -> None:
+        self.config = c = config or EventsConfig()
+        vocab = list(SPECIALS)
+        self.bar_id = -1
+        if c.bars:
+            self.bar_id = len(vocab)
+            vocab.append("BAR")
+        self.shift_base = len(vocab) - 1  # id of TIME_SHIFT_k is shift_base + k
+        vocab += [f"TIME_SHIFT_{k}" for k in range(1, c.max_shift_steps + 1)]
+        self.tempo_base = len(vocab)
+        vocab += [f"TEMPO_{i}" for i in range(c.tempo_bins)]
+        # instrument states: program 0..127 and DRUM_PROGRAM; tokens only if there is more than one state
+        states = list(range(128)) if c.programs else [0]
+        if c.drums:
+            states.append(DRUM_PROGRAM)
+        self.instrument_ids = np.full(DRUM_PROGRAM + 1, -1, dtype=np.int64)
+        if len(states) > 1:
+            for s in states:
+                self.instrument_ids[s] = len(vocab)
+                vocab.append("DRUM" if s == DRUM_PROGRAM else f"PROGRAM_{s}")
+        self.velocity_base = len(vocab)
+        vocab += [f"VELOCITY_{b}" for b in range(c.velocity_bins)]
+        self.pitch_base = len(vocab)
+        vocab += [f"PITCH_{p}" for p in range(128)]
+        self.duration_base = len(vocab) - 1  # id of DURATION_d is duration_base + d
+        vocab += [f"DURATION_{d}" for d in range(1, c.max_duration_steps + 1)]
+        self.vocab = vocab
+        self.id = f"events-{_short_hash({'kind': self.kind, 'config': asdict(c), 'vocab': vocab})}"
+        self._tempo_edges = np.geomspace(c.tempo_min, c.tempo_max, c.tempo_bins + 1) if c.tempo_bins else None
+
+    # -- helpers ----------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def velocity_bin(self, velocity: np.ndarray) -> np.ndarray:
+        n = self.config.velocity_bins
+        if n == 0:
+            return np.zeros_like(velocity, dtype=np.int64)
+        v = np.clip(velocity.astype(np.int64), 1, 127)
+        return np.minimum((v - 1) * n // 127, n - 1)
+
+    def velocity_value(self, b: int) -> int:
+        n = self.config.velocity_bins
+        return 80 if n == 0 else 1 + ((2 * b + 1) * 127) // (2 * n)
+
+    def tempo_bin(self, qpm: float) -> int:
+        if self._tempo_edges is None:
+            return -1
+        q = min(max(qpm, self.config.tempo_min), self.config.tempo_max)
+        return int(min(np.searchsorted(self._tempo_edges, q, side="right") - 1, self.config.tempo_bins - 1))
+
+    def tempo_value(self, b: int) -> float:
+        e = self._tempo_edges
+        return float(np.sqrt(e[b] * e[b + 1])) if e is not None and b >= 0 else 120.0
+
+    def bar_steps(self, time_signature: tuple[int, int]) -> int:
+        num, den = time_signature
+        return max(1, int(round(num * 4 * self.config.steps_per_quarter / den)))
+
+    # -- encode -----------------------------------------------------------------------------
+    def quantize(self, piece: Piece) -> QuantizedNotes:
+        c = self.config
+        keep = np.ones(len(piece), dtype=bool) if c.drums else ~piece.is_drum
+        spq = c.steps_per_quarter
+        onset = np.floor(piece.start[keep] * spq + 0.5).astype(np.int64)
+        onset = np.maximum(onset, 0)
+        dur = np.floor(piece.duration[keep] * spq + 0.5).astype(np.int64)
+        dur = np.clip(dur, 1, c.max_duration_steps)
+        pitch = piece.pitch[keep].astype(np.int64)
+        vel = self.velocity_bin(piece.velocity[keep])
+        prog = piece.program[keep].astype(np.int64)
+        if not c.programs:
+            prog = np.where(prog == DRUM_PROGRAM, DRUM_PROGRAM, 0)
+        order = np.lexsort((vel, dur, pitch, prog, onset))
+        return QuantizedNotes(onset[order], dur[order], pitch[order], vel[order], prog[order], self.tempo_bin(piece.qpm))
+
+    def encode(self, piece: Piece) -> np.ndarray:
+        """Token ids of ``piece``, BOS ... EOS, as int32."""
+        return self.encode_quantized(self.quantize(piece), self.bar_steps(piece.time_signature))
+
+    def encode_quantized(self, q: QuantizedNotes, bar_steps: int = 16) -> np.ndarray:
+        c = self.config
+        n = len(q.onset)
+        head = [BOS_ID] + ([self.tempo_base + q.tempo] if q.tempo >= 0 else [])
+        if n == 0:
+            return np.array(head + [EOS_ID], dtype=np.int32)
+        on = q.onset
+        prev_on = np.concatenate(([0], on[:-1]))
+        if c.bars:
+            bar = on // bar_steps
+            n_bar = bar - np.concatenate(([-1], bar[:-1]))
+            rest = np.where(n_bar > 0, on - bar * bar_steps, on - prev_on)
+        else:
+            n_bar = np.zeros(n, dtype=np.int64)
+            rest = on - prev_on
+        M = c.max_shift_steps
+        n_shift = -(-rest // M)  # ceil
+        has_ins = np.zeros(n, dtype=np.int64)
+        ins_tok = self.instrument_ids[q.program]
+        if (self.instrument_ids >= 0).any():
+            has_ins = np.concatenate(([1], (q.program[1:] != q.program[:-1]).astype(np.int64)))
+        has_vel = np.zeros(n, dtype=np.int64)
+        if c.velocity_bins:
+            has_vel = np.concatenate(([1], (q.velocity[1:] != q.velocity[:-1]).astype(np.int64)))
+        count = n_bar + n_shift + has_ins + has_vel + 2
+        start = len(head) + np.concatenate(([0], np.cumsum(count)[:-1]))
+        out = np.empty(len(head) + int(count.sum()) + 1, dtype=np.int32)
+        out[: len(head)] = head
+        out[-1] = EOS_ID
+        if c.bars:
+            out[np.repeat(start, n_bar) + _ragged_arange(n_bar)] = self.bar_id
+        sh0 = start + n_bar
+        out[np.repeat(sh0, n_shift) + _ragged_arange(n_shift)] = self.shift_base + M
+        last = n_shift > 0
+        out[(sh0 + n_shift - 1)[last]] = self.shift_base + (rest - M * (n_shift - 1))[last]
+        pos = sh0 + n_shift
+        sel = has_ins.astype(bool)
+        out[pos[sel]] = ins_tok[sel]
+        pos = pos + has_ins
+        sel = has_vel.astype(bool)
+        out[pos[sel]] = self.velocity_base + q.velocity[sel]
+        pos = pos + has_vel
+        out[pos] = self.pitch_base + q.pitch
+        out[pos + 1] = self.duration_base + q.duration
+        return out
+
+    # -- decode -----------------------------------------------------------------------------
+    def decode_quantized(self, ids, bar_steps: int = 16) -> QuantizedNotes:
+        """Notes on the grid from token ids; tolerant of ill-formed (generated) sequences.
+
+        Stops at EOS; PAD/BOS/UNK are skipped; a PITCH not followed by a DURATION lasts one step.
+        """
+        c = self.config
+        t, prog, vel, tempo = 0, 0, 0, -1
+        if not c.programs and not c.drums:
+            prog = 0
+        started_bars = False
+        notes: list[tuple[int, int, int, int, int]] = []
+        ids = [int(i) for i in ids]
+        shift_hi = self.shift_base + c.max_shift_steps
+        tempo_hi = self.tempo_base + c.tempo_bins
+        vel_hi = self.velocity_base + c.velocity_bins
+        pitch_hi = self.pitch_base + 128
+        dur_hi = self.duration_base + c.max_duration_steps
+        ins_lookup = {int(tok): s for s, tok in enumerate(self.instrument_ids) if tok >= 0}
+        i, n = 0, len(ids)
+        while i < n:
+            tok = ids[i]
+            i += 1
+            if tok == EOS_ID:
+                break
+            if tok == self.bar_id:
+                t = (t // bar_steps + 1) * bar_steps if started_bars else 0
+                started_bars = True
+            elif self.shift_base < tok <= shift_hi:
+                t += tok - self.shift_base
+            elif self.tempo_base <= tok < tempo_hi:
+                tempo = tok - self.tempo_base
+            elif tok in ins_lookup:
+                prog = ins_lookup[tok]
+            elif self.velocity_base <= tok < vel_hi:
+                vel = tok - self.velocity_base
+            elif self.pitch_base <= tok < pitch_hi:
+                d = 1
+                if i < n and self.duration_base < ids[i] <= dur_hi:
+                    d = ids[i] - self.duration_base
+                    i += 1
+                notes.append((t, d, tok - self.pitch_base, vel, prog))
+        arr = np.array(notes, dtype=np.int64).reshape(-1, 5)
+        order = np.lexsort((arr[:, 3], arr[:, 1], arr[:, 2], arr[:, 4], arr[:, 0]))
+        arr = arr[order]
+        return QuantizedNotes(arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3], arr[:, 4], tempo)
+
+    def decode(self, ids, time_signature: tuple[int, int] = (4, 4)) -> Piece:
+        q = self.decode_quantized(ids, self.bar_steps(time_signature))
+        spq = self.config.steps_per_quarter
+        vel = np.array([self.velocity_value(int(b)) for b in q.velocity], dtype=np.int16)
+        qpm = self.tempo_value(q.tempo)
+        start = q.onset / spq
+        dur = q.duration / spq
+        end = float((start + dur).max()) if len(start) else 0.0
+        return Piece.from_columns(q.pitch, start, dur, vel, q.program, qpm=qpm,
+                                  time_signature=time_signature, seconds=end * 60.0 / qpm)
+
+    # -- serialization ----------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "version": FORMAT_VERSION, "kind": self.kind, "id": self.id,
+                "config": asdict(self.config), "vocab": self.vocab,
+                "special": {"pad": PAD_ID, "bos": BOS_ID, "eos": EOS_ID, "unk": UNK_ID}}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# classic (the tutorial's encoding)
+# ---------------------------------------------------------------------------------------------
+def normal_order(pitch_classes) -> list[int]:
+    """Normal order of a pitch-class set, as music21's ``Chord.normalOrder`` gives it.
+
+    The rotation with the smallest span wins; ties go to the rotation packed most
+    to the left (smallest interval from the first note to the second, then the third...),
+    then to the lowest first pitch class.
+    """
+    pcs = sorted(set(int(p) % 12 for p in pitch_classes))
+    if len(pcs) <= 1:
+        return pcs
+    best_key, best = None, None
+    k = len(pcs)
+    for r in range(k):
+        rot = pcs[r:] + pcs[:r]
+        ints = [(p - rot[0]) % 12 for p in rot]
+        key = (ints[-1], *ints[1:-1], rot[0])
+        if best_key is None or key < best_key:
+            best_key, best = key, rot
+    return best
+
+
+@dataclass(frozen=True)
+class ClassicConfig:
+    grid: tuple[int, ...] = (4, 3)   # music21's quarterLengthDivisors for grouping onsets
+    drums: bool = False
+    step: float = 0.5                # decoding: the tutorial's fixed offset between tokens
+    duration: float = 1.0            # decoding: music21's default note length in the tutorial
+
+
+@dataclass
+class ClassicTokenizer:
+    """Pitch names for single notes, dot-joined normal order for chords, one token per onset.
+
+    The vocabulary comes from the data: :meth:`encode_text` gives strings; a global pass
+    builds ``vocab`` (:meth:`with_vocab`) and only then are there ids.
+    """
+
+    config: ClassicConfig = field(default_factory=ClassicConfig)
+    vocab: list[str] = field(default_factory=lambda: list(SPECIALS))
+    kind = "classic"
+
+    def __post_init__(self) -> None:
+        self.config = ClassicConfig(**{**asdict(self.config), "grid": tuple(self.config.grid)})
+        self._index = {t: i for i, t in enumerate(self.vocab)}
+
+    @property
+    def id(self) -> str:
+        return f"classic-{_short_hash({'kind': self.kind, 'config': asdict(self.config), 'vocab': self.vocab})}"
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def with_vocab(self, tokens) -> "ClassicTokenizer":
+        return ClassicTokenizer(self.config, list(SPECIALS) + sorted(set(tokens) - set(SPECIALS)))
+
+    def onsets(self, piece: Piece) -> tuple[np.ndarray, np.ndarray]:
+        """Onsets snapped like music21 (nearest multiple of 1/d for d in grid), and the kept mask."""
+        keep = np.ones(len(piece), dtype=bool) if self.config.drums else ~piece.is_drum
+        s = piece.start[keep]
+        best = None
+        for d in self.config.grid:
+            q = np.floor(s * d + 0.5) / d
+            if best is None:
+                best = q
+            else:
+                best = np.where(np.abs(q - s) < np.abs(best - s) - 1e-9, q, best)
+        return (best if best is not None else s), keep
+
+    def encode_text(self, piece: Piece) -> list[str]:
+        onset, keep = self.onsets(piece)
+        pitch = piece.pitch[keep]
+        if len(pitch) == 0:
+            return []
+        order = np.lexsort((pitch, onset))
+        onset, pitch = onset[order], pitch[order]
+        bounds = np.flatnonzero(np.diff(onset) > 1e-9) + 1
+        out = []
+        for group in np.split(pitch, bounds):
+            if len(group) == 1:
+                out.append(PITCH_NAMES[int(group[0])])
+            else:
+                out.append(".".join(str(p) for p in normal_order(group)))
+        return out
+
+    def ids_of(self, tokens: list[str]) -> np.ndarray:
+        idx = self._index
+        return np.array([BOS_ID] + [idx.get(t, UNK_ID) for t in tokens] + [EOS_ID], dtype=np.int32)
+
+    def encode(self, piece: Piece) -> np.ndarray:
+        return self.ids_of(self.encode_text(piece))
+
+    def decode(self, ids, time_signature: tuple[int, int] = (4, 4)) -> Piece:
+        """The tutorial's decoding: one note or chord every ``step`` quarters; chords in octave 4."""
+        pitch, start = [], []
+        t = 0.0
+        for i in ids:
+            i = int(i)
+            if i == EOS_ID:
+                break
+            if i < len(SPECIALS) or i >= len(self.vocab):
+                continue
+            tok = self.vocab[i]
+            if tok in _NAME_TO_MIDI:
+                pitch.append(_NAME_TO_MIDI[tok])
+                start.append(t)
+            else:
+                for pc in tok.split("."):
+                    pitch.append(60 + int(pc))
+                    start.append(t)
+            t += self.config.step
+        n = len(pitch)
+        return Piece.from_columns(pitch, start, [self.config.duration] * n, [100] * n, [0] * n,
+                                  qpm=120.0, time_signature=time_signature,
+                                  seconds=(t + self.config.duration) * 0.5 if n else 0.0)
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "version": FORMAT_VERSION, "kind": self.kind, "id": self.id,
+                "config": {**asdict(self.config), "grid": list(self.config.grid)}, "vocab": self.vocab,
+                "special": {"pad": PAD_ID, "bos": BOS_ID, "eos": EOS_ID, "unk": UNK_ID}}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1) + "\n"
+
+
+Tokenizer = EventsTokenizer | ClassicTokenizer
+
+
+def make_tokenizer(kind: str, **settings) -> Tokenizer:
+    """A tokenizer by name with settings (unknown settings are an error)."""
+    if kind == "events":
+        cls, cfg = EventsTokenizer, EventsConfig
+    elif kind == "classic":
+        cls, cfg = ClassicTokenizer, ClassicConfig
+    else:
+        raise MidiforgeError(f"unknown tokenizer {kind!r} (events or classic)")
+    known = {f.name for f in fields(cfg)}
+    bad = set(settings) - known
+    if bad:
+        raise MidiforgeError(f"{kind} tokenizer: unknown settings {sorted(bad)} (known: {sorted(known)})")
+    return cls(cfg(**settings))
+
+
+def load_tokenizer(source: str | bytes | dict) -> Tokenizer:
+    """The tokenizer a ``tokenizer.json`` describes (its text, bytes or parsed dict)."""
+    d = source if isinstance(source, dict) else json.loads(source)
+    if d.get("format") != FORMAT or d.get("version") != FORMAT_VERSION:
+        raise MidiforgeError("not a midiforge tokenizer.json (format/version missing or newer)")
+    if d["kind"] == "events":
+        tok: Tokenizer = EventsTokenizer(EventsConfig(**d["config"]))
+        if tok.vocab != d["vocab"]:
+            raise MidiforgeError(f"tokenizer.json {d.get('id')}: vocabulary does not match its settings")
+    elif d["kind"] == "classic":
+        cfg = dict(d["config"])
+        cfg["grid"] = tuple(cfg["grid"])
+        tok = ClassicTokenizer(ClassicConfig(**cfg), list(d["vocab"]))
+    else:
+        raise MidiforgeError(f"unknown tokenizer kind {d.get('kind')!r}")
+    if d.get("id") and d["id"] != tok.id:
+        raise MidiforgeError(f"tokenizer.json: id {d['id']} does not match its content ({tok.id})")
+    return tok

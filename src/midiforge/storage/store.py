@@ -1,0 +1,170 @@
+"""One way to address data: a :class:`Store` rooted at a local path, file:// or s3:// URI.
+
+Paths inside a store are always relative, '/'-separated keys (``shards/part-00000.parquet``).
+Writes are all-or-nothing: an object is visible only once it is complete.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Protocol
+from urllib.parse import urlsplit
+
+from midiforge.errors import MidiforgeError
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    """How to reach object storage; plain values, so it travels to Ray workers."""
+
+    endpoint_url: str | None = None      # default: AWS_ENDPOINT_URL, else AWS
+    max_attempts: int = 8                # boto3 "standard" retry mode attempts
+    checksum: str = "when_supported"     # or "when_required" for stores that reject 1.36+ checksums
+    multipart_threshold: int = 16 * 1024 * 1024
+    multipart_chunksize: int = 16 * 1024 * 1024
+    max_concurrency: int = 8
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    path: str   # relative to the store's root
+    size: int
+
+
+class Store(Protocol):
+    """What every stage may do with its input or output location."""
+
+    uri: str
+
+    def url(self, rel: str) -> str: ...
+    def read_bytes(self, rel: str) -> bytes: ...
+    def write_bytes(self, rel: str, data: bytes) -> None: ...
+    def exists(self, rel: str) -> bool: ...
+    def list(self, prefix: str = "") -> list[ObjectInfo]: ...
+    def delete(self, rel: str) -> None: ...
+    def put_file(self, local_path: str | os.PathLike, rel: str) -> None: ...
+    def get_file(self, rel: str, local_path: str | os.PathLike) -> None: ...
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """('file', '/abs/path') or ('s3', 'bucket/prefix') for a path or URI."""
+    uri = str(uri)
+    parts = urlsplit(uri)
+    if parts.scheme in ("", "file") or (len(parts.scheme) == 1 and os.name == "nt"):
+        if parts.scheme == "file":
+            if parts.netloc not in ("", "localhost"):
+                raise MidiforgeError(f"{uri}: file:// URIs must name a local path (file:///path)")
+            return "file", os.path.abspath(parts.path)
+        return "file", os.path.abspath(uri)
+    if parts.scheme == "s3":
+        return "s3", uri
+    raise MidiforgeError(f"{uri}: unsupported scheme {parts.scheme!r} (use a path, file:// or s3://)")
+
+
+def open_store(uri: str, options: StorageOptions | None = None) -> Store:
+    """The store for a local path, ``file://`` URI or ``s3://bucket/prefix``."""
+    scheme, where = split_uri(uri)
+    if scheme == "file":
+        return LocalStore(where)
+    from midiforge.storage.s3 import S3Store  # boto3 only where it is needed
+
+    return S3Store(where, options or StorageOptions())
+
+
+def _check_rel(rel: str) -> str:
+    rel = rel.replace("\\", "/").lstrip("/")
+    if any(part in ("..",) for part in rel.split("/")):
+        raise MidiforgeError(f"{rel}: path leaves the store")
+    return rel
+
+
+class LocalStore:
+    """A directory on a local (or shared, e.g. NFS) file system."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        self.uri = str(self.root)
+
+    def __repr__(self) -> str:
+        return f"LocalStore({self.uri!r})"
+
+    def __reduce__(self):  # travels to Ray workers as its root only
+        return (LocalStore, (str(self.root),))
+
+    def path(self, rel: str) -> Path:
+        return self.root / _check_rel(rel)
+
+    def url(self, rel: str) -> str:
+        return str(self.path(rel))
+
+    def read_bytes(self, rel: str) -> bytes:
+        try:
+            return self.path(rel).read_bytes()
+        except FileNotFoundError:
+            raise MidiforgeError(f"{self.url(rel)}: no such file") from None
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        target = self.path(rel)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+
+    def exists(self, rel: str) -> bool:
+        return self.path(rel).is_file()
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        base = self.path(prefix) if prefix else self.root
+        if base.is_file():
+            return [ObjectInfo(_check_rel(prefix), base.stat().st_size)]
+        out = []
+        for p in _walk(base):
+            if p.name.startswith(".") and p.name.endswith(".tmp"):
+                continue
+            out.append(ObjectInfo(p.relative_to(self.root).as_posix(), p.stat().st_size))
+        return sorted(out, key=lambda o: o.path)
+
+    def delete(self, rel: str) -> None:
+        try:
+            self.path(rel).unlink()
+        except FileNotFoundError:
+            pass
+
+    def put_file(self, local_path: str | os.PathLike, rel: str) -> None:
+        target = self.path(rel)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            with open(local_path, "rb") as src, open(tmp, "wb") as dst:
+                while chunk := src.read(8 * 1024 * 1024):
+                    dst.write(chunk)
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def get_file(self, rel: str, local_path: str | os.PathLike) -> None:
+        src = self.path(rel)
+        if not src.is_file():
+            raise MidiforgeError(f"{src}: no such file")
+        Path(local_path).parent.mkdir(parents=True, exist_ok=True)
+        with open(src, "rb") as s, open(local_path, "wb") as d:
+            while chunk := s.read(8 * 1024 * 1024):
+                d.write(chunk)
+
+
+def _walk(base: Path) -> Iterator[Path]:
+    if not base.is_dir():
+        return
+    for dirpath, _dirnames, filenames in os.walk(base):
+        for name in filenames:
+            yield Path(dirpath) / name
