@@ -10,10 +10,16 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from midiforge.errors import MidiforgeError
+from midiforge.storage.manifest import check_entry, check_file
+
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,9 @@ class Store(Protocol):
     def delete(self, rel: str) -> None: ...
     def put_file(self, local_path: str | os.PathLike, rel: str) -> None: ...
     def get_file(self, rel: str, local_path: str | os.PathLike) -> None: ...
+    # verified reads: raise MidiforgeError naming the object when size/sha256 differ from the entry
+    def read_verified(self, rel: str, entry: dict) -> bytes: ...
+    def get_file_verified(self, rel: str, local_path: str | os.PathLike, entry: dict) -> None: ...
 
 
 def split_uri(uri: str) -> tuple[str, str]:
@@ -61,7 +70,8 @@ def split_uri(uri: str) -> tuple[str, str]:
         return "file", os.path.abspath(uri)
     if parts.scheme == "s3":
         return "s3", uri
-    raise MidiforgeError(f"{uri}: unsupported scheme {parts.scheme!r} (use a path, file:// or s3://)")
+    shown = f"{parts.scheme}://{parts.hostname or ''}{parts.path}"  # never echo user:secret@ or a query
+    raise MidiforgeError(f"{shown}: unsupported scheme {parts.scheme!r} (use a path, file:// or s3://)")
 
 
 def open_store(uri: str, options: StorageOptions | None = None) -> Store:
@@ -74,11 +84,27 @@ def open_store(uri: str, options: StorageOptions | None = None) -> Store:
     return S3Store(where, options or StorageOptions())
 
 
-def _check_rel(rel: str) -> str:
-    rel = rel.replace("\\", "/").lstrip("/")
+def check_rel(rel: str) -> str:
+    """A store-relative key: '/'-separated, no leading '/', never leaving the store."""
+    rel = str(rel).replace("\\", "/").lstrip("/")
     if any(part in ("..",) for part in rel.split("/")):
         raise MidiforgeError(f"{rel}: path leaves the store")
     return rel
+
+
+_check_rel = check_rel
+
+
+def map_parallel(fn: Callable[[T], R], items: Iterable[T], max_workers: int = 8) -> list[R]:
+    """``[fn(x) for x in items]`` on a thread pool (for many small transfers), in order.
+
+    The first exception is re-raised after the pool has drained.
+    """
+    items = list(items)
+    if max_workers <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(max_workers=min(max_workers, len(items))) as pool:
+        return list(pool.map(fn, items))
 
 
 class LocalStore:
@@ -110,11 +136,15 @@ class LocalStore:
         target = self.path(rel)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def exists(self, rel: str) -> bool:
         return self.path(rel).is_file()
@@ -156,10 +186,28 @@ class LocalStore:
         src = self.path(rel)
         if not src.is_file():
             raise MidiforgeError(f"{src}: no such file")
-        Path(local_path).parent.mkdir(parents=True, exist_ok=True)
-        with open(src, "rb") as s, open(local_path, "wb") as d:
-            while chunk := s.read(8 * 1024 * 1024):
-                d.write(chunk)
+        dest = Path(local_path)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            with open(src, "rb") as s, open(tmp, "wb") as d:
+                while chunk := s.read(8 * 1024 * 1024):
+                    d.write(chunk)
+            os.replace(tmp, dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def read_verified(self, rel: str, entry: dict) -> bytes:
+        """``read_bytes`` checked against a manifest entry; a mismatch is a MidiforgeError naming the file."""
+        data = self.read_bytes(rel)
+        check_entry(self.url(rel), data, entry)
+        return data
+
+    def get_file_verified(self, rel: str, local_path: str | os.PathLike, entry: dict) -> None:
+        """``get_file`` checked against a manifest entry; on mismatch the local copy is removed."""
+        self.get_file(rel, local_path)
+        check_file(self.url(rel), local_path, entry)
 
 
 def _walk(base: Path) -> Iterator[Path]:
