@@ -11,7 +11,7 @@ import pytest
 from midiforge.cli import main as cli_main
 from midiforge.errors import MidiforgeError
 from midiforge.storage import (
-    LocalStore, StorageOptions, file_entry, map_parallel, open_store, sha256_hex, verify_store, write_manifest,
+    LocalStore, StorageOptions, StorageUnavailableError, file_entry, map_parallel, open_store, sha256_hex, verify_store, write_manifest,
 )
 from midiforge.storage.s3 import S3Store, redact
 
@@ -278,22 +278,23 @@ def test_errors_name_the_object_never_the_credentials(s3_server, monkeypatch):
     store = open_store(s3_server.new_bucket() + "/e", s3_server.options())
     with pytest.raises(MidiforgeError) as exc:
         store.read_bytes("no/such.bin")
+    assert not isinstance(exc.value, StorageUnavailableError), "a missing object concerns that object only"
     assert str(exc.value).startswith(store.url("no/such.bin")) and "no such object" in str(exc.value)
     missing_bucket = open_store("s3://mf-does-not-exist-0/x", s3_server.options())
-    with pytest.raises(MidiforgeError, match="no such bucket"):
+    with pytest.raises(StorageUnavailableError, match="no such bucket"):
         missing_bucket.write_bytes("a", b"1")
     # a dead endpoint: the standard retry mode gives up after max_attempts
     from conftest import _free_port
 
     dead = open_store("s3://bucket-x/y", StorageOptions(endpoint_url=f"http://127.0.0.1:{_free_port()}", max_attempts=2))
-    with pytest.raises(MidiforgeError) as dead_exc:
+    with pytest.raises(StorageUnavailableError) as dead_exc:  # the job must stop, not blame one file
         dead.read_bytes("k")
     assert "cannot reach the S3 endpoint" in str(dead_exc.value) and "s3://bucket-x/y/k" in str(dead_exc.value)
     # no credentials at all
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     fresh = open_store(store.uri, s3_server.options())
-    with pytest.raises(MidiforgeError, match="no usable AWS credentials"):
+    with pytest.raises(StorageUnavailableError, match="no usable AWS credentials"):
         fresh.read_bytes("x")
     for message in (str(exc.value), str(dead_exc.value)):
         assert not any(s in message for s in secrets)

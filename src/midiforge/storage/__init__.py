@@ -9,11 +9,13 @@ from midiforge.storage.manifest import (
     sha256_hex, verify_store, write_manifest,
 )
 from midiforge.storage.store import (
-    LocalStore, ObjectInfo, Store, StorageOptions, check_rel, map_parallel, open_store, split_uri,
+    LocalStore, ObjectInfo, Store, StorageOptions, StorageUnavailableError, check_rel, map_parallel, open_store,
+    split_uri,
 )
 
 __all__ = [
-    "LocalStore", "ObjectInfo", "Store", "StorageOptions", "check_rel", "map_parallel", "open_store", "split_uri",
+    "LocalStore", "ObjectInfo", "Store", "StorageOptions", "StorageUnavailableError", "check_rel", "map_parallel",
+    "open_store", "split_uri",
     "check_entry", "check_file", "file_entry", "file_sha256", "local_file_entry", "manifest_entries",
     "read_manifest", "sha256_hex", "verify_store", "write_manifest",
 ]

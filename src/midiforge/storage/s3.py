@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 
 from midiforge.errors import MidiforgeError
 from midiforge.storage.manifest import check_entry, check_file
-from midiforge.storage.store import ObjectInfo, StorageOptions, check_rel
+from midiforge.storage.store import ObjectInfo, StorageOptions, StorageUnavailableError, check_rel
 
 CHECKSUM_MODES = ("when_supported", "when_required")
 
@@ -147,6 +147,37 @@ def resolve_endpoint(options: StorageOptions) -> str | None:
     return endpoint
 
 
+_JOB_WIDE_CODES = {
+    "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "InvalidClientTokenId",
+    "NoSuchBucket", "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "ServiceUnavailable",
+    "InternalError", "500", "502", "503", "504",
+}
+
+
+def _job_wide(exc: BaseException) -> bool:
+    """True for failures of the service or the credentials (after retries), not of one object."""
+    from boto3.exceptions import RetriesExceededError, S3UploadFailedError
+    from botocore.exceptions import (
+        ClientError,
+        ConnectionError as BotoConnectionError,
+        NoCredentialsError,
+        PartialCredentialsError,
+        ResponseStreamingError,
+    )
+
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {}) if isinstance(exc.response, dict) else {}
+        status = (exc.response.get("ResponseMetadata", {}) or {}).get("HTTPStatusCode", 0) \
+            if isinstance(exc.response, dict) else 0
+        return str(err.get("Code", "")) in _JOB_WIDE_CODES or (isinstance(status, int) and status >= 500)
+    if isinstance(exc, (BotoConnectionError, NoCredentialsError, PartialCredentialsError, ResponseStreamingError,
+                        RetriesExceededError)):
+        return True
+    if isinstance(exc, S3UploadFailedError):  # boto3 flattens the cause into the message
+        return any(f"({code})" in str(exc) for code in _JOB_WIDE_CODES) or "Could not connect" in str(exc)
+    return False
+
+
 def check_options(options: StorageOptions) -> None:
     if options.checksum not in CHECKSUM_MODES:
         raise MidiforgeError(f"S3 checksum mode {options.checksum!r}: use one of {', '.join(CHECKSUM_MODES)}")
@@ -241,9 +272,11 @@ class S3Store:
         except MidiforgeError:
             raise
         except ClientError as exc:
-            raise MidiforgeError(f"{self.url(rel)}: {what} failed: {self._client_reason(exc)}") from None
+            cls = StorageUnavailableError if _job_wide(exc) else MidiforgeError
+            raise cls(f"{self.url(rel)}: {what} failed: {self._client_reason(exc)}") from None
         except (BotoCoreError, Boto3Error, OSError) as exc:
-            raise MidiforgeError(f"{self.url(rel)}: {what} failed: {self._other_reason(exc)}") from None
+            cls = StorageUnavailableError if _job_wide(exc) else MidiforgeError
+            raise cls(f"{self.url(rel)}: {what} failed: {self._other_reason(exc)}") from None
 
     def _client_reason(self, exc) -> str:
         err = exc.response.get("Error", {}) if isinstance(exc.response, dict) else {}
