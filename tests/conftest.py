@@ -17,7 +17,8 @@ endpoint is NOT put in the environment: pass ``s3_server.options()`` / ``--endpo
 ``s3_server.stop()`` makes the endpoint really go away (listening socket closed, open
 keep-alive connections cut: clients get "connection refused"), ``s3_server.start()``
 brings it back on the same port with the same buckets and objects (moto keeps its state
-in-process), ``s3_server.outage(seconds)`` does both from a background thread.  A test
+in-process), ``s3_server.outage(seconds, after_requests=N)`` does both from a background
+thread once N more requests were served (``s3_server.requests`` counts them).  A test
 that stops the server must leave it running (use ``outage`` or try/finally).
 """
 from __future__ import annotations
@@ -46,6 +47,7 @@ class S3TestServer:
         self._thread: threading.Thread | None = None
         self._live: set[socket.socket] = set()
         self._lock = threading.Lock()
+        self.requests = 0  # HTTP requests served so far (all runs of the server)
 
     # -- lifecycle ---------------------------------------------------------------
     @property
@@ -58,13 +60,18 @@ class S3TestServer:
 
         if self._server is not None:
             return
-        live, lock = self._live, self._lock
+        live, lock, owner = self._live, self._lock, self
 
         class Handler(MotoRequestHandler):  # remembers its connection so stop() can cut it
             def setup(self):
                 super().setup()
                 with lock:
                     live.add(self.connection)
+
+            def run_wsgi(self):
+                with lock:
+                    owner.requests += 1
+                return super().run_wsgi()
 
             def finish(self):
                 with lock:
@@ -103,15 +110,27 @@ class S3TestServer:
         if self._thread is not None:
             self._thread.join(timeout=10)
 
-    def outage(self, seconds: float, after: float = 0.0) -> threading.Thread:
-        """Stop the server ``after`` seconds from now, start it again ``seconds`` later (a thread)."""
+    def outage(self, seconds: float, after: float = 0.0, after_requests: int | None = None,
+               timeout: float = 120.0) -> threading.Thread:
+        """From a thread: stop the server ``after`` seconds from now (or once it has served
+        ``after_requests`` more requests, waiting at most ``timeout`` s), start it again ``seconds`` later.
+        ``join()`` the returned thread before the test ends; its ``stopped_at`` / ``restarted_at``
+        (time.monotonic()) say when the outage really was."""
+        target = None if after_requests is None else self.requests + after_requests
+
         def run():
             time.sleep(after)
+            deadline = time.monotonic() + timeout
+            while target is not None and self.requests < target and time.monotonic() < deadline:
+                time.sleep(0.005)
             self.stop()
+            thread.stopped_at = time.monotonic()
             time.sleep(seconds)
             self.start()
+            thread.restarted_at = time.monotonic()
 
         thread = threading.Thread(target=run, name="s3-outage", daemon=True)
+        thread.stopped_at = thread.restarted_at = None
         thread.start()
         return thread
 
