@@ -34,3 +34,6 @@ class PieceError(MidiforgeError):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+
+    def __reduce__(self):  # crosses process boundaries (Ray, multiprocessing) intact
+        return (PieceError, (self.reason, self.detail))

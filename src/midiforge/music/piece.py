@@ -31,9 +31,10 @@ class Piece:
     time_signature: tuple[int, int] = (4, 4)
     seconds: float = 0.0
     meta: dict = field(default_factory=dict)
+    track: np.ndarray | None = None  # source track (MIDI) or part (score) index of each note
 
     @classmethod
-    def from_columns(cls, pitch, start, duration, velocity, program, **kw) -> "Piece":
+    def from_columns(cls, pitch, start, duration, velocity, program, track=None, **kw) -> "Piece":
         """Build a piece from array-likes, sorted by (start, program, pitch)."""
         pitch = np.asarray(pitch, dtype=np.int16)
         start = np.asarray(start, dtype=np.float64)
@@ -43,8 +44,10 @@ class Piece:
         n = len(pitch)
         if not all(len(a) == n for a in (start, duration, velocity, program)):
             raise ValueError("note columns differ in length")
+        track = np.zeros(n, dtype=np.int16) if track is None else np.asarray(track, dtype=np.int16)
         order = np.lexsort((pitch, program, start))
-        return cls(pitch[order], start[order], duration[order], velocity[order], program[order], **kw)
+        return cls(pitch[order], start[order], duration[order], velocity[order], program[order],
+                   track=track[order], **kw)
 
     def __len__(self) -> int:
         return int(self.pitch.shape[0])
@@ -61,6 +64,7 @@ class Piece:
         return Piece(
             self.pitch[mask], self.start[mask], self.duration[mask], self.velocity[mask],
             self.program[mask], self.qpm, self.time_signature, self.seconds, dict(self.meta),
+            None if self.track is None else self.track[mask],
         )
 
     def transpose(self, semitones: int) -> "Piece | None":
@@ -73,5 +77,5 @@ class Piece:
             return None
         return Piece(
             moved.astype(np.int16), self.start, self.duration, self.velocity, self.program,
-            self.qpm, self.time_signature, self.seconds, dict(self.meta),
+            self.qpm, self.time_signature, self.seconds, dict(self.meta), self.track,
         )

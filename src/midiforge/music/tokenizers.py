@@ -339,27 +339,25 @@ class ClassicTokenizer:
     def with_vocab(self, tokens) -> "ClassicTokenizer":
         return ClassicTokenizer(self.config, list(SPECIALS) + sorted(set(tokens) - set(SPECIALS)))
 
-    def onsets(self, piece: Piece) -> tuple[np.ndarray, np.ndarray]:
-        """Onsets snapped like music21 (nearest multiple of 1/d for d in grid), and the kept mask."""
-        keep = np.ones(len(piece), dtype=bool) if self.config.drums else ~piece.is_drum
-        s = piece.start[keep]
+    def snap(self, start: np.ndarray) -> np.ndarray:
+        """Offsets snapped like music21's quantize: nearest multiple of 1/d for d in ``grid``."""
         best = None
         for d in self.config.grid:
-            q = np.floor(s * d + 0.5) / d
-            if best is None:
-                best = q
-            else:
-                best = np.where(np.abs(q - s) < np.abs(best - s) - 1e-9, q, best)
-        return (best if best is not None else s), keep
+            q = np.floor(start * d + 0.5) / d
+            best = q if best is None else np.where(np.abs(q - start) < np.abs(best - start) - 1e-9, q, best)
+        return start if best is None else best
 
     def encode_text(self, piece: Piece) -> list[str]:
-        onset, keep = self.onsets(piece)
+        """The tutorial's tokens, one per onset: the notes of all kept tracks whose onsets snap to
+        the same grid point form one chord (music21's readings are already on that grid)."""
+        keep = np.ones(len(piece), dtype=bool) if self.config.drums else ~piece.is_drum
         pitch = piece.pitch[keep]
         if len(pitch) == 0:
             return []
-        order = np.lexsort((pitch, onset))
-        onset, pitch = onset[order], pitch[order]
-        bounds = np.flatnonzero(np.diff(onset) > 1e-9) + 1
+        key = self.snap(piece.start[keep])
+        order = np.lexsort((pitch, key))
+        key, pitch = key[order], pitch[order]
+        bounds = np.flatnonzero(np.diff(key) != 0) + 1
         out = []
         for group in np.split(pitch, bounds):
             if len(group) == 1:

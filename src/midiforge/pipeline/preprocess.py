@@ -1,0 +1,503 @@
+"""Turn a corpus of MIDI and score files into Parquet token shards, in parallel on Ray.
+
+Every input unit (a file, or one tune of a multi-tune ABC file) ends as exactly one piece,
+duplicate or failure; manifest.json is written last and ``inputs == pieces + duplicates + failures``.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from midiforge.errors import MidiforgeError
+from midiforge.music.readers import READ_ERRORS, SUFFIXES, ReadOptions, read_piece, split_units
+from midiforge.music.tokenizers import ClassicTokenizer, EventsConfig, make_tokenizer
+from midiforge.storage import StorageOptions, file_entry, open_store, split_uri, write_manifest
+from midiforge.storage.shards import SHARD_SCHEMA, int_lists, read_table, write_table
+
+WORK = "_work"
+SPLITS = ("train", "validation", "test")
+JOURNAL_SCHEMA = pa.schema([
+    ("input", pa.string()), ("source", pa.string()), ("piece_id", pa.string()),
+    ("status", pa.string()), ("reason", pa.string()), ("detail", pa.string()),
+])
+
+
+@dataclass(frozen=True)
+class InputRef:
+    """One input file: ``source`` is its name relative to SRC; ``key`` its path in store ``root``."""
+
+    source: str
+    root: str
+    key: str
+
+
+@dataclass(frozen=True)
+class PreprocessSettings:
+    tokenizer: str = "events"
+    tokenizer_settings: dict = field(default_factory=dict)
+    read: ReadOptions = ReadOptions()
+    splits: tuple[float, float, float] = (0.9, 0.05, 0.05)
+    transpose: tuple[int, ...] = ()
+    sample: int | None = None
+    seed: int = 0
+
+    def identity(self) -> dict:
+        """What a resumed run must share with the run it continues."""
+        d = asdict(self)
+        d["splits"] = list(self.splits)
+        d["transpose"] = list(self.transpose)
+        return d
+
+    def make_tokenizer(self):
+        return make_tokenizer(self.tokenizer, **self.tokenizer_settings)
+
+
+def split_of(piece_id: str, ratios: tuple[float, float, float]) -> str:
+    """train/validation/test from the piece's sha256: stable whatever the batching or corpus order."""
+    h = int(piece_id[:13], 16) / float(16**13)
+    if h < ratios[0]:
+        return "train"
+    if h < ratios[0] + ratios[1]:
+        return "validation"
+    return "test"
+
+
+# -------------------------------------------------------------------------------------------
+# listing
+# -------------------------------------------------------------------------------------------
+def list_inputs(src: str, options: StorageOptions | None = None) -> list[InputRef]:
+    """Every input under SRC (a folder or prefix, searched recursively), or listed in a text file."""
+    scheme, where = split_uri(src)
+    if scheme == "file" and os.path.isfile(where):
+        return _list_file(where)
+    if scheme == "file" and not os.path.isdir(where):
+        raise MidiforgeError(f"{src}: no such folder or list file")
+    store = open_store(src, options)
+    refs = [InputRef(o.path, store.uri, o.path) for o in store.list() if o.path.lower().endswith(SUFFIXES)
+            and not o.path.split("/")[-1].startswith(".")]
+    return sorted(refs, key=lambda r: r.source)
+
+
+def _list_file(path: str) -> list[InputRef]:
+    base = os.path.dirname(os.path.abspath(path))
+    refs = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            scheme, where = split_uri(line if "://" in line or os.path.isabs(line) else os.path.join(base, line))
+            if scheme == "file":
+                refs.append(InputRef(line, os.path.dirname(where), os.path.basename(where)))
+            else:
+                bucket_prefix, _, key = where[len("s3://"):].rpartition("/")
+                refs.append(InputRef(line, f"s3://{bucket_prefix}", key))
+    seen = set()
+    unique = [r for r in refs if not (r.source in seen or seen.add(r.source))]
+    return sorted(unique, key=lambda r: r.source)
+
+
+def sample_inputs(refs: list[InputRef], n: int | None, seed: int) -> list[InputRef]:
+    if n is None or n >= len(refs):
+        return refs
+    if n <= 0:
+        raise MidiforgeError("--sample must be positive")
+    pick = np.random.default_rng(seed).choice(len(refs), size=n, replace=False)
+    return [refs[i] for i in sorted(pick)]
+
+
+# -------------------------------------------------------------------------------------------
+# the Ray task: a batch of files -> one shard and one journal
+# -------------------------------------------------------------------------------------------
+def _piece_table_path(part: int, classic: bool) -> str:
+    return f"{WORK}/raw-{part:05d}.parquet" if classic else f"shards/part-{part:05d}.parquet"
+
+
+def process_batch(part: int, inputs: list[InputRef], dest_uri: str, storage: StorageOptions,
+                  settings: PreprocessSettings) -> dict:
+    """Read, parse and tokenize ``inputs``; write their rows and their journal; return a summary."""
+    started = time.perf_counter()
+    dest = open_store(dest_uri, storage)
+    tok = settings.make_tokenizer()
+    classic = isinstance(tok, ClassicTokenizer)
+    stores: dict[str, object] = {}
+    journal: dict[str, list] = {k: [] for k in JOURNAL_SCHEMA.names}
+    rows: dict[str, list] = {k: [] for k in ("piece_id", "source", "split", "transpose", "tokens",
+                                              "n_tokens", "n_notes", "seconds", "qpm")}
+    outcome_of: dict[str, tuple[str, str, str]] = {}  # piece_id -> outcome of its first copy here
+
+    def record(inp, src, pid, status, reason="", detail=""):
+        for k, v in zip(JOURNAL_SCHEMA.names, (inp, src, pid, status, reason, detail[:2000])):
+            journal[k].append(v)
+
+    for ref in inputs:
+        try:
+            store = stores.get(ref.root) or stores.setdefault(ref.root, open_store(ref.root, storage))
+            data = store.read_bytes(ref.key)
+        except Exception as exc:  # any storage failure: recorded as read_error, the job goes on
+            record(ref.source, ref.source, "", "failure", "read_error", f"{type(exc).__name__}: {exc}")
+            continue
+        for src, unit in split_units(ref.source, data):
+            if not unit:
+                record(ref.source, src, "", "failure", "empty", "0 bytes")
+                continue
+            pid = hashlib.sha256(unit).hexdigest()
+            if pid in outcome_of:  # an identical copy earlier in this batch
+                status, reason, detail = outcome_of[pid]
+                if status == "piece":
+                    record(ref.source, src, pid, "duplicate", "", "")
+                else:
+                    record(ref.source, src, pid, status, reason, detail)
+                continue
+            try:
+                piece = read_piece(src, unit, settings.read)
+                split = split_of(pid, settings.splits)
+                shifts = [0] + ([k for k in settings.transpose if k != 0] if split == "train" else [])
+                encoded = []
+                for k in shifts:
+                    moved = piece.transpose(k)
+                    if moved is not None:
+                        encoded.append((k, tok.encode_text(moved) if classic else tok.encode(moved)))
+            except READ_ERRORS as exc:
+                outcome_of[pid] = ("failure", exc.reason, exc.detail)
+                record(ref.source, src, pid, "failure", exc.reason, exc.detail)
+                continue
+            except Exception as exc:  # a parser bug on one file must not stop the job: recorded with its reason
+                outcome_of[pid] = ("failure", "parser_error", f"{type(exc).__name__}: {exc}")
+                record(ref.source, src, pid, *outcome_of[pid])
+                continue
+            outcome_of[pid] = ("piece", "", "")
+            record(ref.source, src, pid, "piece")
+            for k, toks in encoded:
+                rows["piece_id"].append(pid)
+                rows["source"].append(src)
+                rows["split"].append(split)
+                rows["transpose"].append(k)
+                rows["tokens"].append(toks)
+                rows["n_tokens"].append(len(toks) + (2 if classic else 0))
+                rows["n_notes"].append(len(piece))
+                rows["seconds"].append(piece.seconds)
+                rows["qpm"].append(piece.qpm)
+
+    piece_table = None
+    if rows["piece_id"]:
+        cols = {k: pa.array(rows[k]) for k in ("piece_id", "source", "split")}
+        cols["transpose"] = pa.array(rows["transpose"], pa.int8())
+        if classic:
+            cols["tokens_text"] = pa.array(rows["tokens"], pa.list_(pa.string()))
+        else:
+            cols["tokens"] = int_lists(rows["tokens"])
+        cols["n_tokens"] = pa.array(rows["n_tokens"], pa.int32())
+        cols["n_notes"] = pa.array(rows["n_notes"], pa.int32())
+        cols["seconds"] = pa.array(rows["seconds"], pa.float64())
+        cols["qpm"] = pa.array(rows["qpm"], pa.float64())
+        cols["tokenizer"] = pa.array([tok.id] * len(rows["piece_id"]))
+        piece_table = write_table(dest, _piece_table_path(part, classic), pa.table(cols))
+    # the journal is written last: its presence says the batch is complete
+    write_table(dest, f"{WORK}/part-{part:05d}.parquet", pa.table(journal, schema=JOURNAL_SCHEMA))
+    status = journal["status"]
+    return {
+        "part": part, "files": len(inputs), "units": len(status),
+        "pieces": status.count("piece"), "duplicates": status.count("duplicate"),
+        "failures": status.count("failure"), "tokens": int(sum(rows["n_tokens"])),
+        "table": piece_table, "seconds": time.perf_counter() - started,
+    }
+
+
+# -------------------------------------------------------------------------------------------
+# the driver
+# -------------------------------------------------------------------------------------------
+def start_ray(address: str | None, num_cpus: int | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    kw = {"include_dashboard": False, "logging_level": "WARNING", "configure_logging": True}
+    if address:
+        ray.init(address=address, **kw)
+    else:
+        ray.init(num_cpus=num_cpus, **kw)
+
+
+def _journal_parts(dest) -> dict[int, str]:
+    out = {}
+    for o in dest.list(f"{WORK}/"):
+        name = o.path.rsplit("/", 1)[-1]
+        if name.startswith("part-") and name.endswith(".parquet"):
+            out[int(name[5:10])] = o.path
+    return out
+
+
+def run_preprocess(src: str, dest_uri: str, settings: PreprocessSettings, *, resume: bool = False,
+                   workers: int | None = None, batch_files: int | None = None, address: str | None = None,
+                   storage: StorageOptions | None = None, progress: bool = True) -> dict:
+    """The whole stage; returns the manifest it wrote."""
+    import ray
+
+    storage = storage or StorageOptions()
+    started = time.time()
+    dest = open_store(dest_uri, storage)
+    tok = settings.make_tokenizer()
+    classic = isinstance(tok, ClassicTokenizer)
+    if abs(sum(settings.splits) - 1.0) > 1e-6 or min(settings.splits) < 0:
+        raise MidiforgeError(f"--split ratios must be >= 0 and sum to 1, got {settings.splits}")
+
+    refs = sample_inputs(list_inputs(src, storage), settings.sample, settings.seed)
+    settings_doc = {"src": src, "settings": settings.identity()}
+    existing = dest.exists(f"{WORK}/settings.json") or dest.exists("manifest.json")
+    if existing and not resume:
+        raise MidiforgeError(f"{dest.uri}: already holds a preprocess run; pass --resume to continue it, or use a new DEST")
+    if existing:
+        saved = json.loads(dest.read_bytes(f"{WORK}/settings.json"))
+        if saved["settings"] != settings_doc["settings"]:
+            raise MidiforgeError(f"{dest.uri}: --resume with different settings than the run it continues "
+                                 f"(was {saved['settings']})")
+    else:
+        dest.write_bytes(f"{WORK}/settings.json", json.dumps(settings_doc, indent=1).encode())
+
+    journals = _journal_parts(dest)
+    done: set[str] = set()
+    for rel in journals.values():
+        done.update(read_table(dest, rel, ["input"]).column("input").to_pylist())
+    # piece tables without a journal are leftovers of a killed batch: their inputs run again
+    for prefix, folder in (("part-", "shards/"), ("raw-", f"{WORK}/")):
+        for o in dest.list(folder):
+            name = o.path.rsplit("/", 1)[-1]
+            if name.startswith(prefix) and name.endswith(".parquet"):
+                if int(name[len(prefix):len(prefix) + 5]) not in journals:
+                    dest.delete(o.path)
+    todo = [r for r in refs if r.source not in done]
+    if todo:
+        dest.delete("manifest.json")  # the stage is incomplete again until it finishes
+
+    if todo:
+        start_ray(address, workers)
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        workers = max(1, min(workers or cpus, cpus))
+        size = batch_files or max(8, min(256, math.ceil(len(todo) / (workers * 4))))
+        batches = [todo[i:i + size] for i in range(0, len(todo), size)]
+        first = max(journals) + 1 if journals else 0
+        task = ray.remote(num_cpus=1, max_retries=2)(process_batch)
+        pending, results = [], []
+        bar = _progress(len(refs), len(refs) - len(todo), progress)
+        failures = 0
+        queue = list(enumerate(batches, start=first))
+        while queue or pending:
+            while queue and len(pending) < workers * 2:
+                part, batch = queue.pop(0)
+                pending.append(task.remote(part, batch, dest.uri, storage, settings))
+            ready, pending = ray.wait(pending, num_returns=1)
+            res = ray.get(ready[0])
+            results.append(res)
+            failures += res["failures"]
+            bar.update(res["files"])
+            bar.set_postfix(failures=failures, refresh=False)
+        bar.close()
+    manifest = finalize(dest, settings, src_count=len(refs), started=started)
+    return manifest
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="file", desc="preprocess", disable=not enabled,
+                dynamic_ncols=True, smoothing=0.1)
+
+
+def finalize(dest, settings: PreprocessSettings, *, src_count: int, started: float) -> dict:
+    """Resolve duplicates across batches, build the classic vocabulary, write the outputs and the manifest."""
+    tok = settings.make_tokenizer()
+    classic = isinstance(tok, ClassicTokenizer)
+    journals = _journal_parts(dest)
+    tables = {p: read_table(dest, rel) for p, rel in journals.items()}
+    # duplicates across batches: the copy with the smallest source is the piece, wherever it was read
+    keeper: dict[str, tuple[str, int]] = {}
+    for part, t in sorted(tables.items()):
+        for src, pid, status in zip(t["source"].to_pylist(), t["piece_id"].to_pylist(), t["status"].to_pylist()):
+            if status == "piece" and (pid not in keeper or src < keeper[pid][0]):
+                keeper[pid] = (src, part)
+    for part, t in sorted(tables.items()):
+        status = t["status"].to_pylist()
+        drop = [(s, p) for s, p, st in zip(t["source"].to_pylist(), t["piece_id"].to_pylist(), status)
+                if st == "piece" and keeper[p][0] != s]
+        if not drop:
+            continue
+        drop_set = set(drop)
+        new_status = ["duplicate" if (s, p) in drop_set else st
+                      for s, p, st in zip(t["source"].to_pylist(), t["piece_id"].to_pylist(), status)]
+        rel = _piece_table_path(part, classic)
+        pt = read_table(dest, rel)
+        keep = [(s, p) not in drop_set for s, p in zip(pt["source"].to_pylist(), pt["piece_id"].to_pylist())]
+        write_table(dest, rel, pt.filter(pa.array(keep)))
+        t = t.set_column(t.schema.get_field_index("status"), "status", pa.array(new_status))
+        write_table(dest, journals[part], t)
+        tables[part] = t
+
+    piece_parts = sorted(p for p, t in tables.items() if "piece" in t["status"].to_pylist())
+    if classic:
+        vocab_tokens: set[str] = set()
+        raws = {p: read_table(dest, _piece_table_path(p, True)) for p in piece_parts}
+        for t in raws.values():
+            vocab_tokens.update(pa.compute.list_flatten(t["tokens_text"]).unique().to_pylist())
+        tok = tok.with_vocab(vocab_tokens)
+        for p, t in raws.items():
+            ids = [tok.ids_of(x) for x in t["tokens_text"].to_pylist()]
+            t = t.drop_columns(["tokens_text"]).append_column("tokens", int_lists(ids))
+            t = t.set_column(t.schema.get_field_index("tokenizer"), "tokenizer", pa.array([tok.id] * t.num_rows))
+            write_table(dest, f"shards/part-{p:05d}.parquet", t.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA))
+
+    shards, qpms, split_counts, rows_total, tokens_total = [], [], dict.fromkeys(SPLITS, 0), 0, 0
+    for p in piece_parts:
+        rel = f"shards/part-{p:05d}.parquet"
+        data = dest.read_bytes(rel)
+        t = read_table(dest, rel, ["split", "transpose", "n_tokens", "qpm"])
+        entry = file_entry(rel, data)
+        shards.append({"path": rel, "rows": t.num_rows, "bytes": entry["bytes"], "sha256": entry["sha256"]})
+        original = np.asarray(t["transpose"]) == 0
+        qpms.extend(np.asarray(t["qpm"])[original].tolist())
+        for s in np.asarray(t["split"])[original]:
+            split_counts[s] += 1
+        rows_total += t.num_rows
+        tokens_total += int(np.asarray(t["n_tokens"]).sum())
+
+    journal_all = pa.concat_tables([tables[p] for p in sorted(tables)]) if tables else \
+        JOURNAL_SCHEMA.empty_table()
+    status = journal_all["status"].to_pylist()
+    fail = journal_all.filter(pa.compute.equal(journal_all["status"], "failure"))
+    failures_t = fail.select(["source", "reason", "detail"])
+    reasons: dict[str, int] = {}
+    for r in failures_t["reason"].to_pylist():
+        reasons[r] = reasons.get(r, 0) + 1
+    files = []
+    tok_bytes = tok.to_json().encode()
+    dest.write_bytes("tokenizer.json", tok_bytes)
+    files.append(file_entry("tokenizer.json", tok_bytes))
+    for name, table in (("failures.parquet", failures_t),
+                        ("inputs.parquet", journal_all.select(["input", "source", "piece_id", "status", "reason"]))):
+        entry = write_table(dest, name, table)
+        files.append({k: entry[k] for k in ("path", "bytes", "sha256")})
+    files.extend({k: s[k] for k in ("path", "bytes", "sha256")} for s in shards)
+    elapsed = time.time() - started
+    n_inputs = len(status)
+    manifest = {
+        "stage": "preprocess",
+        "input_files": src_count,
+        "inputs": n_inputs,
+        "pieces": status.count("piece"),
+        "duplicates": status.count("duplicate"),
+        "failures": status.count("failure"),
+        "failure_reasons": reasons,
+        "splits": split_counts,
+        "rows": rows_total,
+        "tokens": tokens_total,
+        "qpm_median": float(statistics.median(qpms)) if qpms else 120.0,
+        "tokenizer": tok.id,
+        "tokenizer_kind": tok.kind,
+        "vocab_size": tok.vocab_size,
+        "settings": settings.identity(),
+        "shards": shards,
+        "files": files,
+        "seconds": round(elapsed, 3),
+        "files_per_second": round(src_count / elapsed, 3) if elapsed > 0 else None,
+        "tokens_per_second": round(tokens_total / elapsed, 1) if elapsed > 0 else None,
+    }
+    assert manifest["inputs"] == manifest["pieces"] + manifest["duplicates"] + manifest["failures"]
+    write_manifest(dest, manifest)
+    return manifest
+
+
+# -------------------------------------------------------------------------------------------
+# CLI
+# -------------------------------------------------------------------------------------------
+def _int_range(text: str) -> tuple[int, ...]:
+    try:
+        if ".." in text:
+            a, b = text.split("..")
+            return tuple(range(int(a), int(b) + 1))
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a range like -3..3 or a list like -2,0,2") from None
+
+
+def _ratios(text: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected three ratios like 0.9,0.05,0.05")
+    return parts  # type: ignore[return-value]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", metavar="SRC", help="folder or s3:// prefix (searched recursively), or a text file listing paths")
+    p.add_argument("dest", metavar="DEST", help="output folder or s3:// prefix")
+    g = p.add_argument_group("tokenizer")
+    g.add_argument("--tokenizer", choices=("events", "classic"), default="events")
+    d = EventsConfig()
+    g.add_argument("--steps-per-quarter", type=int, default=d.steps_per_quarter, help="events: onset grid")
+    g.add_argument("--max-shift-steps", type=int, default=d.max_shift_steps)
+    g.add_argument("--max-duration-steps", type=int, default=d.max_duration_steps)
+    g.add_argument("--velocity-bins", type=int, default=d.velocity_bins, help="events: 0 turns velocity off")
+    g.add_argument("--tempo-bins", type=int, default=d.tempo_bins, help="events: 0 turns the tempo token off")
+    g.add_argument("--programs", action="store_true", help="events: keep instruments apart (PROGRAM tokens)")
+    g.add_argument("--bars", action="store_true", help="events: BAR tokens")
+    g.add_argument("--drums", action="store_true", help="keep drum tracks (dropped by default)")
+    r = p.add_argument_group("reading")
+    r.add_argument("--parser", choices=("symusic", "music21"), default="symusic", help="for MIDI files")
+    r.add_argument("--tracks", choices=("all", "first"), default="all",
+                   help="all: merge all tracks (piano reduction); first: the first instrument, like the tutorial")
+    r.add_argument("--max-notes", type=int, default=ReadOptions.max_notes, help="longer files fail as too_long")
+    r.add_argument("--max-quarters", type=float, default=ReadOptions.max_quarters)
+    r.add_argument("--max-bytes", type=int, default=ReadOptions.max_bytes)
+    s = p.add_argument_group("corpus")
+    s.add_argument("--split", type=_ratios, default=(0.9, 0.05, 0.05), metavar="TRAIN,VAL,TEST")
+    s.add_argument("--transpose", type=_int_range, default=(), metavar="A..B",
+                   help="also write train pieces transposed by each of these semitones")
+    s.add_argument("--sample", type=int, help="take a reproducible random subset of N files")
+    s.add_argument("--seed", type=int, default=0)
+    x = p.add_argument_group("execution")
+    x.add_argument("--resume", action="store_true", help="continue a run in DEST, skipping inputs already done")
+    x.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    x.add_argument("--workers", type=int, help="parallel tasks (default: every CPU of the cluster)")
+    x.add_argument("--batch-files", type=int, help="files per Ray task (default: automatic)")
+    x.add_argument("--no-progress", action="store_true")
+    from midiforge.storage.cli_options import add_storage_arguments
+
+    add_storage_arguments(p)
+
+
+def settings_from_args(args) -> PreprocessSettings:
+    if args.tokenizer == "events":
+        tk = {"steps_per_quarter": args.steps_per_quarter, "max_shift_steps": args.max_shift_steps,
+              "max_duration_steps": args.max_duration_steps, "velocity_bins": args.velocity_bins,
+              "tempo_bins": args.tempo_bins, "programs": args.programs, "bars": args.bars, "drums": args.drums}
+    else:
+        tk = {"drums": args.drums}
+    read = ReadOptions(parser=args.parser, tracks=args.tracks, max_notes=args.max_notes,
+                       max_quarters=args.max_quarters, max_bytes=args.max_bytes)
+    return PreprocessSettings(args.tokenizer, tk, read, tuple(args.split), tuple(args.transpose),
+                              args.sample, args.seed)
+
+
+def main(args) -> int:
+    from midiforge.storage.cli_options import options_from_args
+
+    settings = settings_from_args(args)
+    manifest = run_preprocess(args.src, args.dest, settings, resume=args.resume, workers=args.workers,
+                              batch_files=args.batch_files, address=args.address,
+                              storage=options_from_args(args), progress=not args.no_progress)
+    print(json.dumps({k: manifest[k] for k in ("inputs", "pieces", "duplicates", "failures", "failure_reasons",
+                                               "rows", "tokens", "tokenizer", "seconds", "files_per_second")}))
+    print(f"shards: {open_store(args.dest).url('shards/')}")
+    return 0

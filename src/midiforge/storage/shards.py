@@ -1,0 +1,56 @@
+"""Parquet tables as objects in a store: build, write atomically with their sha256, read back."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from midiforge.errors import MidiforgeError
+from midiforge.storage.manifest import sha256_hex
+from midiforge.storage.store import Store
+
+#: The columns of ``shards/part-NNNNN.parquet``: one row per piece (and per transposed copy).
+SHARD_SCHEMA = pa.schema([
+    ("piece_id", pa.string()),
+    ("source", pa.string()),
+    ("split", pa.string()),
+    ("transpose", pa.int8()),
+    ("tokens", pa.list_(pa.int32())),
+    ("n_tokens", pa.int32()),
+    ("n_notes", pa.int32()),
+    ("seconds", pa.float64()),
+    ("qpm", pa.float64()),
+    ("tokenizer", pa.string()),
+])
+
+
+def int_lists(arrays: list[np.ndarray]) -> pa.ListArray:
+    """A list<int32> column from NumPy arrays, without going through Python lists."""
+    lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.concatenate(arrays).astype(np.int32) if arrays else np.zeros(0, np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+
+
+def table_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+def write_table(store: Store, rel: str, table: pa.Table) -> dict:
+    """Write ``table`` atomically to ``rel``; its manifest entry {path, rows, bytes, sha256}."""
+    data = table_bytes(table)
+    store.write_bytes(rel, data)
+    return {"path": rel, "rows": table.num_rows, "bytes": len(data), "sha256": sha256_hex(data)}
+
+
+def read_table(store: Store, rel: str, columns: list[str] | None = None) -> pa.Table:
+    data = store.read_bytes(rel)
+    try:
+        return pq.read_table(io.BytesIO(data), columns=columns)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise MidiforgeError(f"{store.url(rel)}: not a readable Parquet file ({exc})") from None
