@@ -170,6 +170,14 @@ def read_midi_symusic(data: bytes, options: ReadOptions = ReadOptions()) -> Piec
 # music21: the tutorial's reading of MIDI, and the score formats
 # ------------------------------------------------------------------------------------------
 def _music21_parse(data: bytes, fmt: str):
+    import warnings
+
+    with warnings.catch_warnings():  # music21 warns per track about unknown instrument names
+        warnings.simplefilter("ignore")
+        return _music21_parse_loud(data, fmt)
+
+
+def _music21_parse_loud(data: bytes, fmt: str):
     from music21 import converter, midi
 
     if fmt == "midi":

@@ -20,7 +20,7 @@ import pyarrow as pa
 from midiforge.errors import MidiforgeError
 from midiforge.music.readers import READ_ERRORS, SUFFIXES, ReadOptions, read_piece, split_units
 from midiforge.music.tokenizers import ClassicTokenizer, EventsConfig, make_tokenizer
-from midiforge.storage import StorageOptions, file_entry, open_store, split_uri, write_manifest
+from midiforge.storage import StorageOptions, StorageUnavailableError, file_entry, open_store, split_uri, write_manifest
 from midiforge.storage.shards import SHARD_SCHEMA, int_lists, read_table, write_table
 
 WORK = "_work"
@@ -53,9 +53,8 @@ class PreprocessSettings:
     def identity(self) -> dict:
         """What a resumed run must share with the run it continues."""
         d = asdict(self)
-        d["splits"] = list(self.splits)
-        d["transpose"] = list(self.transpose)
-        return d
+        d["tokenizer_settings"] = self.make_tokenizer().to_dict()["config"]  # resolved, defaults included
+        return json.loads(json.dumps(d))  # the canonical JSON form, as saved
 
     def make_tokenizer(self):
         return make_tokenizer(self.tokenizer, **self.tokenizer_settings)
@@ -143,6 +142,8 @@ def process_batch(part: int, inputs: list[InputRef], dest_uri: str, storage: Sto
         try:
             store = stores.get(ref.root) or stores.setdefault(ref.root, open_store(ref.root, storage))
             data = store.read_bytes(ref.key)
+        except StorageUnavailableError:  # the service is down (after retries): the task fails, no file is blamed
+            raise
         except Exception as exc:  # any storage failure: recorded as read_error, the job goes on
             record(ref.source, ref.source, "", "failure", "read_error", f"{type(exc).__name__}: {exc}")
             continue
@@ -297,7 +298,14 @@ def run_preprocess(src: str, dest_uri: str, settings: PreprocessSettings, *, res
                 part, batch = queue.pop(0)
                 pending.append(task.remote(part, batch, dest.uri, storage, settings))
             ready, pending = ray.wait(pending, num_returns=1)
-            res = ray.get(ready[0])
+            try:
+                res = ray.get(ready[0])
+            except ray.exceptions.RayTaskError as exc:  # stop the rest; report the cause in one line
+                for ref in pending:
+                    ray.cancel(ref, force=True)
+                if isinstance(exc.cause, MidiforgeError):
+                    raise exc.cause from None
+                raise
             results.append(res)
             failures += res["failures"]
             bar.update(res["files"])
@@ -316,6 +324,7 @@ def _progress(total: int, initial: int, enabled: bool):
 
 def finalize(dest, settings: PreprocessSettings, *, src_count: int, started: float) -> dict:
     """Resolve duplicates across batches, build the classic vocabulary, write the outputs and the manifest."""
+    dest.delete("manifest.json")  # whatever happens below, no manifest may name an object being rewritten
     tok = settings.make_tokenizer()
     classic = isinstance(tok, ClassicTokenizer)
     journals = _journal_parts(dest)
