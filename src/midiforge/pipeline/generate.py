@@ -1,0 +1,732 @@
+"""Generate MIDI pieces from a trained model bundle, in parallel on Ray actors.
+
+``midiforge generate MODEL_DIR DEST --num-pieces N`` loads the bundle (verified against its
+manifest), spreads the pieces over Ray actors that each hold the model once, decodes them in
+batches with the LSTM state carried from token to token, and writes one MIDI file per piece,
+``pieces.parquet`` (tokens, settings, metrics) and ``manifest.json`` (last).  Piece ``i`` of
+seed ``S`` has the same tokens whatever the batch size, the number of workers, or a resume.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import resource
+import secrets
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from midiforge.errors import MidiforgeError, PieceError
+from midiforge.model.decode import Limits, PieceJob, TokenClock, decode
+from midiforge.model.sampling import PRIMER_STREAM, SamplingSettings, check_seed, piece_rng
+from midiforge.storage import StorageOptions, open_store, split_uri, write_manifest
+
+WORK = "_work"
+SETTINGS = f"{WORK}/settings.json"
+PRIMER_KINDS = ("none", "midi", "shards")
+ENGINES = ("auto", "numpy", "keras")
+
+
+# -------------------------------------------------------------------------------------------
+# settings
+# -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GenerateSettings:
+    """What decides the pieces' content (all of it must match on --resume)."""
+
+    sampling: SamplingSettings = SamplingSettings()
+    limits: Limits = Limits()
+    qpm: float | None = None           # None: the primer's tempo, else the corpus median
+    primer: str = "none"               # none | midi | shards
+    primer_path: str | None = None     # the MIDI file, or the preprocess output (shards)
+    primer_length: int = 100           # shards: window length (the tutorial's sequence length)
+    primer_split: str = "train"        # shards: which split the windows come from
+    piano_roll: bool = False
+    engine: str = "auto"
+
+    def validate(self) -> "GenerateSettings":
+        self.sampling.validate()
+        self.limits.validate()
+        if self.qpm is not None and not (math.isfinite(self.qpm) and 1.0 <= self.qpm <= 1000.0):
+            raise MidiforgeError(f"--qpm {self.qpm}: must be in 1..1000 quarter notes per minute")
+        if self.primer not in PRIMER_KINDS:
+            raise MidiforgeError(f"primer {self.primer!r}: use one of {', '.join(PRIMER_KINDS)}")
+        if self.primer != "none" and not self.primer_path:
+            raise MidiforgeError(f"primer {self.primer}: a path is needed")
+        if int(self.primer_length) != self.primer_length or self.primer_length < 1:
+            raise MidiforgeError(f"--primer-length {self.primer_length}: must be an integer >= 1")
+        if self.primer_split not in ("train", "validation", "test"):
+            raise MidiforgeError(f"--primer-split {self.primer_split}: use train, validation or test")
+        if self.engine not in ENGINES:
+            raise MidiforgeError(f"--engine {self.engine}: use one of {', '.join(ENGINES)}")
+        return self
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        return d
+
+
+def piece_name(seed: int, index: int) -> str:
+    """The stable file stem of piece ``index`` of seed ``seed``."""
+    return f"s{seed}-{index:06d}"
+
+
+def midi_rel(label: str, seed: int, index: int) -> str:
+    return f"midi/{label}/{piece_name(seed, index)}.mid"
+
+
+def png_rel(label: str, seed: int, index: int) -> str:
+    return f"png/{label}/{piece_name(seed, index)}.png"
+
+
+def part_rel(label: str, first: int) -> str:
+    return f"{WORK}/part-{label}-{first:06d}.parquet"
+
+
+# -------------------------------------------------------------------------------------------
+# models
+# -------------------------------------------------------------------------------------------
+@dataclass
+class ModelSpec:
+    """One checkpoint as the workers need it (plain data: travels through Ray's object store)."""
+
+    label: str                      # "final", "epoch-0003"
+    uri: str
+    sha256: str
+    epoch: int | None
+    tokenizer_json: str
+    qpm_median: float | None
+    weights: object = None          # LSTMWeights (numpy engine)
+    bundle: object = None           # Bundle (keras engine builds its stateful model from it)
+
+
+def resolve_labels(model_dir: str, checkpoint: str, storage: StorageOptions | None) -> list[str | int]:
+    """What to load for ``--checkpoint``: "final", "best", "latest", an epoch, or every one ("all")."""
+    from midiforge.model.bundle import FINAL_DIR, MANIFEST, list_checkpoints
+
+    if checkpoint != "all":
+        return [checkpoint]
+    store = open_store(model_dir, storage)
+    if store.exists(MANIFEST):  # a single bundle's directory
+        top = json.loads(store.read_bytes(MANIFEST))
+        if top.get("format") == "midiforge-bundle":
+            return ["final"]
+    out: list[str | int] = [int(c["epoch"]) for c in list_checkpoints(model_dir, storage)]
+    if store.exists(f"{FINAL_DIR}/{MANIFEST}"):
+        out.append("final")
+    if not out:
+        raise MidiforgeError(f"{model_dir}: no checkpoints and no final bundle to generate from")
+    return out
+
+
+def load_models(model_dir: str, checkpoint: str, engine: str, storage: StorageOptions | None) -> list[ModelSpec]:
+    """Load and verify every bundle ``--checkpoint`` names; NumPy weights read through tf_keras."""
+    from midiforge.model.bundle import load_bundle
+
+    specs: list[ModelSpec] = []
+    for what in resolve_labels(model_dir, checkpoint, storage):
+        b = load_bundle(model_dir, checkpoint=what, options=storage)
+        if any(s.label == b.checkpoint for s in specs):
+            continue
+        spec = ModelSpec(label=b.checkpoint, uri=b.uri, sha256=b.sha256, epoch=b.epoch,
+                         tokenizer_json=b.tokenizer.to_json(),
+                         qpm_median=_float_or_none(b.training.get("qpm_median")))
+        if engine == "keras":
+            spec.bundle = b
+        else:
+            spec.weights = numpy_weights(b)
+        specs.append(spec)
+    return specs
+
+
+def numpy_weights(bundle):
+    """The bundle's weights as float64 NumPy arrays, loaded by tf_keras exactly as training saved them."""
+    from midiforge.model.decode import weights_from_keras
+    from midiforge.model.lstm import tf_keras
+
+    _tf, keras = tf_keras()
+    model = bundle.build()
+    try:
+        return weights_from_keras(model, len(bundle.config.lstm_units))
+    finally:
+        del model
+        keras.backend.clear_session()
+
+
+def _float_or_none(x) -> float | None:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) and v > 0 else None
+
+
+# -------------------------------------------------------------------------------------------
+# primers
+# -------------------------------------------------------------------------------------------
+@dataclass
+class PrimerPlan:
+    """How piece ``i`` starts: shared (none, midi) or one shard window per piece."""
+
+    kind: str
+    source: str = ""
+    piece: object = None                                   # midi: the primer Piece
+    time_signature: tuple[int, int] = (4, 4)
+    qpm: float | None = None                               # midi: the file's tempo
+    windows: dict = field(default_factory=dict)            # shards: index -> (ids, qpm, source)
+    mapped: int = 0                                        # midi: tokens mapped to the nearest known
+
+    def for_piece(self, tokenizer, index: int, qpm_setting: float | None, qpm_median: float | None):
+        """(primer ids, qpm, time signature, primer source) of piece ``index``."""
+        from midiforge.music.primer import encode_primer, set_tempo, start_primer
+
+        if self.kind == "shards":
+            ids, row_qpm, source = self.windows[index]
+            return np.asarray(ids, dtype=np.int32), float(qpm_setting or row_qpm or qpm_median or 120.0), \
+                self.time_signature, source
+        if self.kind == "midi":
+            qpm = float(qpm_setting or self.qpm or qpm_median or 120.0)
+            ids, _ = encode_primer(tokenizer, self.piece, qpm)
+            return set_tempo(tokenizer, ids, qpm), qpm, self.time_signature, self.source
+        qpm = float(qpm_setting or qpm_median or 120.0)
+        return start_primer(tokenizer, qpm), qpm, (4, 4), ""
+
+
+def read_uri_bytes(uri: str, storage: StorageOptions | None, what: str) -> bytes:
+    scheme, where = split_uri(uri)
+    try:
+        if scheme == "file":
+            with open(where, "rb") as fh:
+                return fh.read()
+        parent, _, key = uri.rstrip("/").rpartition("/")
+        return open_store(parent, storage).read_bytes(key)
+    except OSError as exc:
+        raise MidiforgeError(f"{uri}: cannot read the {what} ({exc.strerror or exc})") from None
+
+
+def plan_primers(settings: GenerateSettings, models: list[ModelSpec], seed: int, indices: range,
+                 storage: StorageOptions | None) -> PrimerPlan:
+    from midiforge.music.readers import read_piece
+    from midiforge.music.primer import encode_primer
+    from midiforge.music.tokenizers import load_tokenizer
+
+    if settings.primer == "none":
+        return PrimerPlan("none")
+    if settings.primer == "midi":
+        path = settings.primer_path
+        data = read_uri_bytes(path, storage, "primer")
+        try:
+            piece = read_piece(path.rsplit("/", 1)[-1], data)
+        except PieceError as exc:
+            raise MidiforgeError(f"{path}: cannot read the primer ({exc})") from None
+        mapped = 0
+        for m in models:
+            ids, n = encode_primer(load_tokenizer(m.tokenizer_json), piece)
+            mapped = max(mapped, n)
+            if len(ids) < 2:
+                raise MidiforgeError(f"{path}: the primer has no notes the model's tokenizer keeps")
+        return PrimerPlan("midi", source=path, piece=piece, time_signature=piece.time_signature, qpm=piece.qpm,
+                          mapped=mapped)
+    return _shard_windows(settings, models, seed, indices, storage)
+
+
+def _shard_windows(settings: GenerateSettings, models: list[ModelSpec], seed: int, indices: range,
+                   storage: StorageOptions | None) -> PrimerPlan:
+    """One random window per piece from the pieces of a preprocess output (the tutorial's primer)."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    from midiforge.music.primer import window_primer
+    from midiforge.storage.manifest import manifest_entries, read_manifest
+
+    uri = settings.primer_path
+    store = open_store(uri, storage)
+    manifest = read_manifest(store)
+    for m in models:
+        model_tok = _tokenizer(m).id
+        if manifest.get("tokenizer") != model_tok:
+            raise MidiforgeError(
+                f"{store.url('manifest.json')}: tokenizer {manifest.get('tokenizer')} differs from the model's "
+                f"tokenizer {model_tok} ({m.uri}); its token ids would not match the model's vocabulary")
+    entries = manifest_entries(manifest, store.url("manifest.json"))
+    shards = [s["path"] for s in manifest.get("shards", [])]
+    if not shards:
+        raise MidiforgeError(f"{store.url('manifest.json')}: lists no shards")
+    tables = {}
+    cand_shard, cand_row = [], []
+    for k, rel in enumerate(shards):
+        data = store.read_verified(rel, entries[rel]) if rel in entries else store.read_bytes(rel)
+        t = pq.read_table(io.BytesIO(data), columns=["source", "split", "transpose", "n_tokens", "qpm", "tokens"])
+        tables[k] = t
+        ok = ((np.asarray(t["split"].to_pylist()) == settings.primer_split) & (np.asarray(t["transpose"]) == 0)
+              & (np.asarray(t["n_tokens"]) >= 3))
+        rows = np.flatnonzero(ok)
+        cand_shard.extend([k] * len(rows))
+        cand_row.extend(rows.tolist())
+    if not cand_row:
+        raise MidiforgeError(f"{store.uri}: no piece of split {settings.primer_split!r} to take primers from")
+    windows = {}
+    for i in indices:
+        rng = piece_rng(seed, i, PRIMER_STREAM)
+        c = int(rng.integers(0, len(cand_row)))
+        t, r = tables[cand_shard[c]], cand_row[c]
+        tokens = np.asarray(t["tokens"][r].as_py(), dtype=np.int32)
+        ids = window_primer(tokens, rng, settings.primer_length)
+        windows[i] = (ids, _float_or_none(t["qpm"][r].as_py()), str(t["source"][r].as_py()))
+    return PrimerPlan("shards", source=store.uri, windows=windows)
+
+
+# -------------------------------------------------------------------------------------------
+# the worker (a Ray actor, or a plain object with --workers 0)
+# -------------------------------------------------------------------------------------------
+class GenerateWorker:
+    """Holds every model once; turns a list of piece indices into MIDI files and one part table."""
+
+    def __init__(self, models: list[ModelSpec], settings: GenerateSettings, seed: int, dest_uri: str,
+                 storage: StorageOptions, batch_size: int, engine: str) -> None:
+        from midiforge.model.decode import KerasLSTM, NumpyLSTM
+        from midiforge.music.tokenizers import load_tokenizer
+
+        self.settings, self.seed, self.batch_size = settings, seed, batch_size
+        self.dest = open_store(dest_uri, storage)
+        self.engine_name = engine
+        self.models = {}
+        for m in models:
+            tok = load_tokenizer(m.tokenizer_json)
+            if engine == "keras":
+                eng = KerasLSTM(m.bundle, batch_size)
+            else:
+                eng = NumpyLSTM(m.weights)
+            clock = TokenClock(tok) if settings.limits.max_seconds is not None else None
+            self.models[m.label] = (m, tok, eng, clock)
+
+    def peak_rss(self) -> int:
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+    def run(self, label: str, indices: list[int], primers: list) -> dict:
+        """Generate pieces ``indices`` of checkpoint ``label``; ``primers[k]`` = (ids, qpm, ts, source)."""
+        import pyarrow as pa
+
+        from midiforge.music.metrics import all_metrics
+        from midiforge.music.midi_io import piano_roll_png, piece_to_midi
+        from midiforge.storage import file_entry, map_parallel
+        from midiforge.storage.shards import int_lists, write_table
+
+        started = time.perf_counter()
+        spec, tok, eng, clock = self.models[label]
+        s = self.settings
+        jobs = [PieceJob(i, p[0], p[1]) for i, p in zip(indices, primers)]
+        results = decode(eng, jobs, s.sampling, self.seed, s.limits, self.batch_size, clock)
+        decoded_at = time.perf_counter()
+        rows: dict[str, list] = {k: [] for k in _ROW_COLUMNS}
+        writes: list[tuple[str, bytes]] = []
+        for res, (_ids, qpm, ts, source) in zip(results, primers):
+            piece = tok.decode(res.tokens, time_signature=tuple(ts))
+            piece = dataclasses.replace(piece, qpm=qpm, seconds=piece.end() * 60.0 / qpm)
+            midi = piece_to_midi(piece, qpm)
+            m_rel = midi_rel(label, self.seed, res.index)
+            writes.append((m_rel, midi))
+            m_entry = file_entry(m_rel, midi)
+            p_rel, p_entry = None, None
+            if s.piano_roll:
+                png = piano_roll_png(piece)
+                p_rel = png_rel(label, self.seed, res.index)
+                writes.append((p_rel, png))
+                p_entry = file_entry(p_rel, png)
+            gen = res.generated
+            gen = gen[:-1] if len(gen) and res.stop == "eos" else gen
+            metrics = all_metrics(piece, gen)
+            row = {
+                "piece_id": f"{label}-{piece_name(self.seed, res.index)}", "checkpoint": label,
+                "seed": self.seed, "index": res.index, "bundle_sha256": spec.sha256, "engine": eng.name,
+                "temperature": s.sampling.temperature, "top_k": s.sampling.top_k, "top_p": s.sampling.top_p,
+                "repetition_penalty": s.sampling.repetition_penalty,
+                "repetition_window": s.sampling.repetition_window, "greedy": s.sampling.greedy,
+                "max_tokens": s.limits.max_tokens, "max_seconds": s.limits.max_seconds, "qpm": qpm,
+                "primer": s.primer, "primer_source": source, "primer_length": res.primer_length,
+                "tokens": res.tokens, "n_tokens": len(res.tokens), "generated_tokens": len(res.generated),
+                "stop_reason": res.stop, "n_notes": len(piece), "seconds": float(piece.seconds),
+                "midi_path": m_rel, "midi_bytes": m_entry["bytes"], "midi_sha256": m_entry["sha256"],
+                "png_path": p_rel, "png_bytes": p_entry["bytes"] if p_entry else None,
+                "png_sha256": p_entry["sha256"] if p_entry else None,
+                **metrics,
+            }
+            for k in _ROW_COLUMNS:
+                rows[k].append(row[k])
+        map_parallel(lambda w: self.dest.write_bytes(*w), writes, 8)
+        table = _rows_table(rows, pa, int_lists)
+        write_table(self.dest, part_rel(label, indices[0]), table)  # last: its presence marks the batch done
+        return {"label": label, "pieces": len(results), "tokens": int(sum(len(r.generated) for r in results)),
+                "decode_seconds": decoded_at - started, "seconds": time.perf_counter() - started,
+                "peak_rss": self.peak_rss()}
+
+
+_ROW_COLUMNS = (
+    "piece_id", "checkpoint", "seed", "index", "bundle_sha256", "engine", "temperature", "top_k", "top_p",
+    "repetition_penalty", "repetition_window", "greedy", "max_tokens", "max_seconds", "qpm", "primer",
+    "primer_source", "primer_length", "tokens", "n_tokens", "generated_tokens", "stop_reason", "n_notes",
+    "seconds", "midi_path", "midi_bytes", "midi_sha256", "png_path", "png_bytes", "png_sha256",
+    "pitch_class_entropy", "scale_consistency", "pitch_range", "polyphony", "empty_beat_rate",
+    "longest_repeat", "distinct_4gram_ratio",
+)
+
+
+def _schema(pa):
+    f64, i32, i64, s = pa.float64(), pa.int32(), pa.int64(), pa.string()
+    types = {
+        "piece_id": s, "checkpoint": s, "seed": i64, "index": i64, "bundle_sha256": s, "engine": s,
+        "temperature": f64, "top_k": i32, "top_p": f64, "repetition_penalty": f64, "repetition_window": i32,
+        "greedy": pa.bool_(), "max_tokens": i32, "max_seconds": f64, "qpm": f64, "primer": s,
+        "primer_source": s, "primer_length": i32, "tokens": pa.list_(pa.int32()), "n_tokens": i32,
+        "generated_tokens": i32, "stop_reason": s, "n_notes": i32, "seconds": f64, "midi_path": s,
+        "midi_bytes": i64, "midi_sha256": s, "png_path": s, "png_bytes": i64, "png_sha256": s,
+        "pitch_class_entropy": f64, "scale_consistency": f64, "pitch_range": f64, "polyphony": f64,
+        "empty_beat_rate": f64, "longest_repeat": f64, "distinct_4gram_ratio": f64,
+    }
+    return pa.schema([(k, types[k]) for k in _ROW_COLUMNS])
+
+
+def _rows_table(rows: dict, pa, int_lists):
+    schema = _schema(pa)
+    cols = []
+    for f in schema:
+        if f.name == "tokens":
+            cols.append(int_lists(rows["tokens"]))
+        else:
+            cols.append(pa.array(rows[f.name], type=f.type))
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+# -------------------------------------------------------------------------------------------
+# the driver
+# -------------------------------------------------------------------------------------------
+def _done_parts(dest) -> dict[str, dict]:
+    """{part path: {label, indices}} of the batches finished by earlier runs."""
+    from midiforge.storage.shards import read_table
+
+    out = {}
+    for o in dest.list(f"{WORK}/"):
+        name = o.path.rsplit("/", 1)[-1]
+        if name.startswith("part-") and name.endswith(".parquet"):
+            t = read_table(dest, o.path, ["checkpoint", "index"])
+            out[o.path] = {"labels": t["checkpoint"].to_pylist(), "indices": t["index"].to_pylist()}
+    return out
+
+
+def _identity(models: list[ModelSpec], settings: GenerateSettings, seed: int, engine: str,
+              primer_sha256: str | None) -> dict:
+    """What a resumed run must share with the run it continues (not N, batch size or workers)."""
+    return {"bundles": {m.label: m.sha256 for m in models}, "seed": seed, "engine": engine,
+            "settings": settings.to_dict(), "primer_sha256": primer_sha256}
+
+
+def run_generate(model_dir: str, dest_uri: str, num_pieces: int, settings: GenerateSettings, *,
+                 seed: int | None = None, checkpoint: str = "final", batch_size: int = 64,
+                 workers: int | None = None, address: str | None = None, num_gpus_per_worker: float = 0.0,
+                 cpus_per_worker: float = 1.0, resume: bool = False, storage: StorageOptions | None = None,
+                 progress: bool = True) -> dict:
+    """The whole stage; returns the manifest it wrote.  Every check runs before anything is written."""
+    started = time.time()
+    storage = storage or StorageOptions()
+    if int(num_pieces) != num_pieces or num_pieces <= 0:
+        raise MidiforgeError(f"--num-pieces {num_pieces}: must be a positive integer")
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise MidiforgeError(f"--batch-size {batch_size}: must be a positive integer")
+    if workers is not None and workers < 0:
+        raise MidiforgeError(f"--workers {workers}: must be >= 0 (0: no Ray, in this process)")
+    if num_gpus_per_worker < 0 or cpus_per_worker <= 0:
+        raise MidiforgeError("--num-gpus-per-worker must be >= 0 and --cpus-per-worker > 0")
+    settings.validate()
+    engine = settings.engine if settings.engine != "auto" else ("keras" if num_gpus_per_worker > 0 else "numpy")
+    if seed is not None:
+        check_seed(seed)
+
+    dest = open_store(dest_uri, storage)
+    existing = dest.exists(SETTINGS) or dest.exists("manifest.json")
+    if existing and not resume:
+        raise MidiforgeError(f"{dest.uri}: already holds a generate run; pass --resume to add the missing "
+                             f"pieces, or use a new DEST")
+    saved = json.loads(dest.read_bytes(SETTINGS)) if existing and dest.exists(SETTINGS) else None
+    if saved is not None and seed is None:
+        seed = int(saved["identity"]["seed"])
+    if seed is None:
+        seed = secrets.randbelow(2**31)
+
+    models = load_models(model_dir, checkpoint, engine, storage)
+    primer_sha = None
+    if settings.primer == "midi":
+        from midiforge.storage.manifest import sha256_hex
+
+        primer_sha = sha256_hex(read_uri_bytes(settings.primer_path, storage, "primer"))
+    plan = plan_primers(settings, models, seed, range(num_pieces), storage)
+    identity = _identity(models, settings, seed, engine, primer_sha)
+    if saved is not None and saved["identity"] != identity:
+        diff = sorted(k for k in identity if identity[k] != saved["identity"].get(k))
+        raise MidiforgeError(f"{dest.uri}: --resume with different {', '.join(diff)} than the run it continues "
+                             f"(pieces would not match); use a new DEST")
+    # ---- from here on, things are written ----
+    if saved is None:
+        dest.write_bytes(SETTINGS, (json.dumps({"identity": identity}, indent=1) + "\n").encode())
+
+    done: set[tuple[str, int]] = set()
+    for info in _done_parts(dest).values():
+        done.update(zip(info["labels"], info["indices"]))
+    labels = [m.label for m in models]
+    pending = {lab: [i for i in range(num_pieces) if (lab, i) not in done] for lab in labels}
+    n_pending = sum(len(v) for v in pending.values())
+    tasks = []
+    for m in models:
+        tok = _tokenizer(m)
+        idx = pending[m.label]
+        for k in range(0, len(idx), batch_size):
+            chunk = idx[k:k + batch_size]
+            primers = [plan.for_piece(tok, i, settings.qpm, m.qpm_median) for i in chunk]
+            tasks.append((m.label, chunk, primers))
+
+    stats = {"tokens": 0, "decode_seconds": 0.0, "peak_rss": 0, "workers": 0}
+    gen_started = time.time()
+    if tasks:
+        dest.delete("manifest.json")  # incomplete again until this run finishes
+        bar = _progress(num_pieces * len(labels), num_pieces * len(labels) - n_pending, progress)
+        args = (models, settings, seed, dest.uri, storage, batch_size, engine)
+        try:
+            if workers == 0:
+                _run_local(args, tasks, bar, stats)
+            else:
+                _run_ray(args, tasks, bar, stats, workers=workers, address=address,
+                         gpus=num_gpus_per_worker, cpus=cpus_per_worker)
+        finally:
+            bar.close()
+    gen_seconds = time.time() - gen_started
+    return finalize(dest, models, settings, seed, num_pieces, model_dir=model_dir, engine=engine,
+                    started=started, run_stats={**stats, "pieces": n_pending, "generate_seconds": gen_seconds,
+                                                "batch_size": batch_size},
+                    primer_mapped=plan.mapped)
+
+
+def _tokenizer(spec: ModelSpec):
+    from midiforge.music.tokenizers import load_tokenizer
+
+    return load_tokenizer(spec.tokenizer_json)
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="piece", desc="generate", disable=not enabled,
+                dynamic_ncols=True, smoothing=0.1)
+
+
+def _account(stats: dict, res: dict, bar, t0: float) -> None:
+    stats["tokens"] += res["tokens"]
+    stats["decode_seconds"] += res["decode_seconds"]
+    stats["peak_rss"] = max(stats["peak_rss"], res["peak_rss"])
+    bar.update(res["pieces"])
+    elapsed = max(time.time() - t0, 1e-9)
+    bar.set_postfix(tok_s=f"{stats['tokens'] / elapsed:,.0f}", refresh=False)
+
+
+def _run_local(args, tasks, bar, stats) -> None:
+    worker = GenerateWorker(*args)
+    stats["workers"] = 1
+    t0 = time.time()
+    for label, chunk, primers in tasks:
+        _account(stats, worker.run(label, chunk, primers), bar, t0)
+
+
+def _run_ray(args, tasks, bar, stats, *, workers, address, gpus, cpus) -> None:
+    import ray
+
+    from midiforge.pipeline.preprocess import start_ray
+
+    start_ray(address, workers)
+    res = ray.cluster_resources()
+    if gpus > 0:
+        cap = int(res.get("GPU", 0) // gpus)
+        if cap < 1:
+            raise MidiforgeError(f"--num-gpus-per-worker {gpus}: the Ray cluster has {res.get('GPU', 0)} GPUs")
+    else:
+        cap = max(1, int(res.get("CPU", 1) // cpus))
+    n = max(1, min(workers or cap, cap, len(tasks)))
+    stats["workers"] = n
+    models_ref = ray.put(args[0])
+    actor_cls = ray.remote(GenerateWorker).options(num_cpus=cpus, num_gpus=gpus, max_restarts=1,
+                                                   max_task_retries=1)
+    actors = [actor_cls.remote(models_ref, *args[1:]) for _ in range(n)]
+    queue = list(tasks)
+    running: dict = {}
+    t0 = time.time()
+    try:
+        free = [a for a in actors for _ in range(2)]  # two batches in flight per actor
+        while queue or running:
+            while queue and free:
+                actor = free.pop(0)
+                label, chunk, primers = queue.pop(0)
+                running[actor.run.remote(label, chunk, primers)] = actor
+            ready, _ = ray.wait(list(running), num_returns=1)
+            actor = running.pop(ready[0])
+            try:
+                result = ray.get(ready[0])
+            except ray.exceptions.RayTaskError as exc:
+                if isinstance(exc.cause, MidiforgeError):
+                    raise exc.cause from None
+                raise
+            except ray.exceptions.RayActorError as exc:
+                raise MidiforgeError(f"a generate worker died ({type(exc).__name__}); the finished batches are "
+                                     f"kept: rerun with --resume") from None
+            free.append(actor)
+            _account(stats, result, bar, t0)
+    finally:
+        for ref in running:
+            ray.cancel(ref, force=True)
+        for a in actors:
+            ray.kill(a)
+
+
+def finalize(dest, models: list[ModelSpec], settings: GenerateSettings, seed: int, num_pieces: int, *,
+             model_dir: str, engine: str, started: float, run_stats: dict, primer_mapped: int = 0) -> dict:
+    """pieces.parquet from the finished batches, then manifest.json (last)."""
+    import pyarrow as pa
+
+    from midiforge.storage.shards import read_table, write_table
+
+    labels = [m.label for m in models]
+    parts = sorted(_done_parts(dest))
+    tables = [read_table(dest, rel) for rel in parts]
+    table = pa.concat_tables(tables) if tables else _schema(pa).empty_table()
+    keep = [lab in labels and idx < num_pieces for lab, idx in
+            zip(table["checkpoint"].to_pylist(), table["index"].to_pylist())]
+    table = table.filter(pa.array(keep, pa.bool_()))
+    order = sorted(range(table.num_rows), key=lambda r: (labels.index(table["checkpoint"][r].as_py()),
+                                                         table["index"][r].as_py()))
+    table = table.take(pa.array(order, pa.int64()))
+    expected = num_pieces * len(labels)
+    if table.num_rows != expected:
+        raise MidiforgeError(f"{dest.uri}: {table.num_rows} pieces finished of {expected}; rerun with --resume")
+    entry = write_table(dest, "pieces.parquet", table)
+    files = []
+    for path, size, digest in zip(table["midi_path"].to_pylist(), table["midi_bytes"].to_pylist(),
+                                  table["midi_sha256"].to_pylist()):
+        files.append({"path": path, "bytes": int(size), "sha256": digest})
+    for path, size, digest in zip(table["png_path"].to_pylist(), table["png_bytes"].to_pylist(),
+                                  table["png_sha256"].to_pylist()):
+        if path:
+            files.append({"path": path, "bytes": int(size), "sha256": digest})
+    files.append({k: entry[k] for k in ("path", "bytes", "sha256")})
+    stops = {}
+    for s in table["stop_reason"].to_pylist():
+        stops[s] = stops.get(s, 0) + 1
+    elapsed = time.time() - started
+    gen_tokens = int(run_stats["tokens"])
+    gen_seconds = float(run_stats["generate_seconds"])
+    manifest = {
+        "stage": "generate",
+        "model": model_dir,
+        "bundles": [{"checkpoint": m.label, "uri": m.uri, "sha256": m.sha256, "epoch": m.epoch} for m in models],
+        "seed": seed,
+        "num_pieces": num_pieces,
+        "pieces": table.num_rows,
+        "tokens": int(np.sum(table["generated_tokens"].to_numpy())),
+        "stop_reasons": stops,
+        "settings": settings.to_dict(),
+        "engine": engine,
+        "primer_tokens_mapped": primer_mapped,
+        "run": {"pieces": run_stats["pieces"], "tokens": gen_tokens, "workers": run_stats["workers"],
+                "batch_size": run_stats["batch_size"], "generate_seconds": round(gen_seconds, 3),
+                "worker_peak_rss_bytes": run_stats["peak_rss"]},
+        "files": files,
+        "seconds": round(elapsed, 3),
+        "tokens_per_second": round(gen_tokens / gen_seconds, 1) if gen_tokens and gen_seconds > 0 else None,
+    }
+    write_manifest(dest, manifest)
+    return manifest
+
+
+# -------------------------------------------------------------------------------------------
+# CLI
+# -------------------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_dir", metavar="MODEL_DIR",
+                   help="training output (or one bundle's directory): local, file:// or s3://")
+    p.add_argument("dest", metavar="DEST", help="output folder or s3:// prefix")
+    p.add_argument("--num-pieces", "-n", type=int, required=True, metavar="N", help="pieces to write")
+    m = p.add_argument_group("model")
+    m.add_argument("--checkpoint", default="final", metavar="WHICH",
+                   help="final (default: the final bundle), best, latest, an epoch number, or all "
+                        "(every checkpoint, then final: hear how the model changed while training)")
+    m.add_argument("--engine", choices=ENGINES, default="auto",
+                   help="numpy: float64 NumPy LSTM, tokens independent of batching (default on CPU); "
+                        "keras: the stateful tf_keras model (default with --num-gpus-per-worker)")
+    d = SamplingSettings()
+    s = p.add_argument_group("sampling")
+    s.add_argument("--temperature", type=float, default=d.temperature, help="> 0 (default 1)")
+    s.add_argument("--top-k", type=int, default=d.top_k, help="keep the k most likely tokens (0: off)")
+    s.add_argument("--top-p", type=float, default=d.top_p, help="nucleus: keep tokens up to this mass (1: off)")
+    s.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
+                   help="CTRL penalty >= 1 on tokens of the last --repetition-window tokens (1: off)")
+    s.add_argument("--repetition-window", type=int, default=d.repetition_window, metavar="W")
+    s.add_argument("--greedy", action="store_true", help="always the most likely token (the tutorial's argmax)")
+    s.add_argument("--max-tokens", type=int, default=Limits.max_tokens,
+                   help="generated tokens per piece, primer not counted (default %(default)s)")
+    s.add_argument("--max-seconds", type=float, default=None, help="stop a piece once its music lasts this long")
+    g = p.add_argument_group("seeds, primers, tempo")
+    g.add_argument("--seed", type=int, default=None,
+                   help="run seed; piece i draws from its own generator seeded by (seed, i) (default: random, "
+                        "recorded in the manifest)")
+    pr = g.add_mutually_exclusive_group()
+    pr.add_argument("--primer-midi", metavar="FILE", help="start every piece from this MIDI file's tokens")
+    pr.add_argument("--primer-shards", metavar="DIR",
+                    help="start each piece from a random window of a piece in this preprocess output "
+                         "(the tutorial's way); default: no primer, pieces start at BOS")
+    g.add_argument("--primer-length", type=int, default=100, help="--primer-shards window (default 100)")
+    g.add_argument("--primer-split", default="train", choices=("train", "validation", "test"))
+    g.add_argument("--qpm", type=float, default=None,
+                   help="tempo (default: the primer's, else the corpus median recorded by preprocess)")
+    g.add_argument("--piano-roll", action="store_true", help="also write a piano-roll PNG per piece")
+    x = p.add_argument_group("execution")
+    x.add_argument("--batch-size", type=int, default=64, help="pieces decoded together per worker (default 64)")
+    x.add_argument("--workers", type=int, default=None,
+                   help="Ray actors (default: as many as the cluster's CPUs or GPUs allow; 0: no Ray)")
+    x.add_argument("--cpus-per-worker", type=float, default=1.0)
+    x.add_argument("--num-gpus-per-worker", type=float, default=0.0,
+                   help="GPUs per actor on a GPU cluster (selects the keras engine)")
+    x.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    x.add_argument("--resume", action="store_true", help="make only the pieces DEST does not have yet")
+    x.add_argument("--no-progress", action="store_true")
+    from midiforge.storage.cli_options import add_storage_arguments
+
+    add_storage_arguments(p)
+
+
+def settings_from_args(args) -> GenerateSettings:
+    primer, path = "none", None
+    if args.primer_midi:
+        primer, path = "midi", args.primer_midi
+    elif args.primer_shards:
+        primer, path = "shards", args.primer_shards
+    sampling = SamplingSettings(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                repetition_penalty=args.repetition_penalty,
+                                repetition_window=args.repetition_window, greedy=args.greedy)
+    return GenerateSettings(sampling=sampling, limits=Limits(args.max_tokens, args.max_seconds), qpm=args.qpm,
+                            primer=primer, primer_path=path, primer_length=args.primer_length,
+                            primer_split=args.primer_split, piano_roll=args.piano_roll, engine=args.engine)
+
+
+def main(args) -> int:
+    from midiforge.storage.cli_options import options_from_args
+
+    settings = settings_from_args(args)
+    manifest = run_generate(args.model_dir, args.dest, args.num_pieces, settings, seed=args.seed,
+                            checkpoint=args.checkpoint, batch_size=args.batch_size, workers=args.workers,
+                            address=args.address, num_gpus_per_worker=args.num_gpus_per_worker,
+                            cpus_per_worker=args.cpus_per_worker, resume=args.resume,
+                            storage=options_from_args(args), progress=not args.no_progress)
+    print(json.dumps({k: manifest[k] for k in ("pieces", "tokens", "seed", "stop_reasons", "seconds",
+                                               "tokens_per_second")}))
+    print(f"pieces: {open_store(args.dest, options_from_args(args)).url('midi/')}")
+    return 0
