@@ -163,6 +163,10 @@ class NumpyLSTM:
         tokens = np.asarray(tokens, dtype=np.int64)
         if tokens.shape != (self.live,):
             raise ValueError(f"step: {tokens.shape} tokens for {self.live} rows")
+        with np.errstate(over="ignore"):  # exp(-x) -> inf gives the exact limits 0 and -1
+            return self._step(tokens)
+
+    def _step(self, tokens: np.ndarray) -> np.ndarray:
         z = self.table[tokens]
         z += self._mm(self.h[0], self.recurrent[0])
         x = self._cell(z, 0)
@@ -232,8 +236,9 @@ class TokenClock:
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         v = tokenizer.vocab_size
-        self.shift = np.zeros(v)          # quarters added to the time
-        self.end_after = np.zeros(v)      # the token ends a note at time + this (0: no note)
+        self.shift = np.zeros(v)              # quarters added to the time
+        self.pitch_len = np.zeros(v)          # a note starts here and lasts this long (0: not a note)
+        self.duration = np.zeros(v)           # length of the note the previous token started (events)
         self.bar = np.zeros(v, dtype=bool)
         self.bar_quarters = 4.0
         if isinstance(tokenizer, EventsTokenizer):
@@ -242,42 +247,57 @@ class TokenClock:
             for k in range(1, c.max_shift_steps + 1):
                 self.shift[tokenizer.shift_base + k] = k / spq
             for p in range(128):
-                self.end_after[tokenizer.pitch_base + p] = 1 / spq
+                self.pitch_len[tokenizer.pitch_base + p] = 1 / spq   # a PITCH without DURATION: one step
             for d in range(1, c.max_duration_steps + 1):
-                self.end_after[tokenizer.duration_base + d] = d / spq
+                self.duration[tokenizer.duration_base + d] = d / spq
             if tokenizer.bar_id >= 0:
                 self.bar[tokenizer.bar_id] = True
                 self.bar_quarters = tokenizer.bar_steps((4, 4)) / spq
         elif isinstance(tokenizer, ClassicTokenizer):
             for i in range(len(SPECIALS), v):
-                self.end_after[i] = tokenizer.config.duration
+                self.pitch_len[i] = tokenizer.config.duration
                 self.shift[i] = tokenizer.config.step
         else:
             raise MidiforgeError(f"no music clock for tokenizer {type(tokenizer).__name__}")
         self.time = np.zeros(0)
         self.end = np.zeros(0)
         self.bars_started = np.zeros(0, dtype=bool)
+        self.note_start = np.zeros(0)         # start of the previous token's note (NaN: it was not a note)
 
     def begin(self, n: int) -> None:
         self.time = np.zeros(n)
         self.end = np.zeros(n)
         self.bars_started = np.zeros(n, dtype=bool)
+        self.note_start = np.full(n, np.nan)
 
     def keep(self, mask: np.ndarray) -> None:
-        self.time, self.end, self.bars_started = self.time[mask], self.end[mask], self.bars_started[mask]
+        self.time, self.end = self.time[mask], self.end[mask]
+        self.bars_started, self.note_start = self.bars_started[mask], self.note_start[mask]
 
-    def feed(self, tokens: np.ndarray) -> None:
+    def advance(self, rows, tokens: np.ndarray, commit: bool = True) -> np.ndarray:
+        """The note end of ``rows`` (a mask or indices) after ``tokens``; stored when ``commit``."""
         tokens = np.asarray(tokens, dtype=np.int64)
+        time, started, note_start = self.time[rows], self.bars_started[rows], self.note_start[rows]
         is_bar = self.bar[tokens]
         if is_bar.any():
-            nxt = (np.floor(self.time / self.bar_quarters + 1e-9) + 1) * self.bar_quarters
-            self.time = np.where(is_bar, np.where(self.bars_started, nxt, 0.0), self.time)
-            self.bars_started |= is_bar
-        start = self.time
-        self.time = self.time + self.shift[tokens]
-        note = self.end_after[tokens] > 0
-        # a note starts at the time before this token's shift (classic: shift then next onset)
-        self.end = np.where(note, np.maximum(self.end, start + self.end_after[tokens]), self.end)
+            nxt = (np.floor(time / self.bar_quarters + 1e-9) + 1) * self.bar_quarters
+            time = np.where(is_bar, np.where(started, nxt, 0.0), time)
+            started = started | is_bar
+        end = self.end[rows]
+        # a DURATION right after a PITCH sets that note's length (the decoder's rule)
+        dur = (self.duration[tokens] > 0) & ~np.isnan(note_start)
+        end = np.where(dur, np.maximum(end, np.nan_to_num(note_start) + self.duration[tokens]), end)
+        is_note = self.pitch_len[tokens] > 0
+        end = np.where(is_note, np.maximum(end, time + self.pitch_len[tokens]), end)
+        if commit:
+            self.time[rows] = time + self.shift[tokens]
+            self.bars_started[rows] = started
+            self.end[rows] = end
+            self.note_start[rows] = np.where(is_note, time, np.nan)
+        return end
+
+    def feed(self, tokens: np.ndarray) -> None:
+        self.advance(slice(None), tokens)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,7 +388,7 @@ def decode_batch(engine, jobs: list[PieceJob], settings: SamplingSettings, seed:
             code = np.zeros(len(rows), dtype=np.int8)
             if limits.max_seconds is not None:
                 # the sampled token counts too: where the music would end once it is played
-                end = _end_after(clock, ready, new)
+                end = clock.advance(ready, new, commit=False)
                 code[end * 60.0 / qpm[rows] >= limits.max_seconds] = 3
             code[length[rows] - primer_len[rows] >= limits.max_tokens] = 2
             code[new == EOS_ID] = 1
@@ -384,18 +404,6 @@ def decode_batch(engine, jobs: list[PieceJob], settings: SamplingSettings, seed:
             on_step(len(ready))
     return [PieceResult(j.index, seq[r, :length[r]].copy(), int(primer_len[r]), STOP_REASONS[stop[r]])
             for r, j in enumerate(jobs)]
-
-
-def _end_after(clock: TokenClock, pos: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-    """The clock's note end of rows ``pos`` if they were fed ``tokens`` (without feeding them)."""
-    tokens = np.asarray(tokens, dtype=np.int64)
-    time = clock.time[pos]
-    is_bar = clock.bar[tokens]
-    if is_bar.any():
-        nxt = (np.floor(time / clock.bar_quarters + 1e-9) + 1) * clock.bar_quarters
-        time = np.where(is_bar, np.where(clock.bars_started[pos], nxt, 0.0), time)
-    note = clock.end_after[tokens] > 0
-    return np.where(note, np.maximum(clock.end[pos], time + clock.end_after[tokens]), clock.end[pos])
 
 
 def decode(engine, jobs: list[PieceJob], settings: SamplingSettings, seed: int, limits: Limits,
