@@ -111,15 +111,21 @@ class NumpyLSTM:
         self.dtype = np.dtype(dtype)
         self.vocab_size = weights.vocab_size
         self.units = weights.units
+
+        def gates(a: np.ndarray, u: int) -> np.ndarray:
+            # Keras orders the gate columns i, f, c, o; i, f, o, c puts the three sigmoids side by side
+            return np.concatenate([a[..., :2 * u], a[..., 3 * u:], a[..., 2 * u:3 * u]], axis=-1)
+
         k1, r1, b1 = weights.lstm[0]
+        u1 = self.units[0]
         # the first layer's input is an embedding row, so its input projection is a table lookup
-        self.table = (weights.embedding @ k1 + b1).astype(self.dtype)            # [vocab, 4u1]
-        self.recurrent = [r1.astype(self.dtype)]
-        self.fused: list[np.ndarray | None] = [None]                              # [in + u, 4u]
+        self.table = gates(weights.embedding @ k1 + b1, u1).astype(self.dtype)       # [vocab, 4u1]
+        self.recurrent = [gates(r1, u1).astype(self.dtype)]
+        self.fused: list[np.ndarray | None] = [None]                                 # [in + u, 4u]
         self.bias: list[np.ndarray | None] = [None]
-        for k, r, b in weights.lstm[1:]:
-            self.fused.append(np.concatenate([k, r], axis=0).astype(self.dtype))
-            self.bias.append(b.astype(self.dtype))
+        for (k, r, b), u in zip(weights.lstm[1:], self.units[1:]):
+            self.fused.append(gates(np.concatenate([k, r], axis=0), u).astype(self.dtype))
+            self.bias.append(gates(b, u).astype(self.dtype))
             self.recurrent.append(None)
         self.dense_kernel = weights.dense_kernel.astype(self.dtype)
         self.dense_bias = weights.dense_bias.astype(self.dtype)
@@ -147,14 +153,16 @@ class NumpyLSTM:
         return a @ b
 
     def _cell(self, z: np.ndarray, layer: int) -> np.ndarray:
+        """The LSTM update from the gate pre-activations ``z`` (columns i, f, o, c), in place."""
         u = self.units[layer]
-        gates = _sigmoid(z)            # i, f, (c), o  -- the c block is recomputed as tanh below
-        g = _tanh(z[:, 2 * u:3 * u])
+        sig = _sigmoid(z[:, :3 * u], out=z[:, :3 * u])
+        g = _tanh(z[:, 3 * u:], out=z[:, 3 * u:])
         c = self.c[layer]
-        c *= gates[:, u:2 * u]
-        c += gates[:, :u] * g
+        c *= sig[:, u:2 * u]
+        g *= sig[:, :u]
+        c += g
         h = _tanh(c)
-        h *= gates[:, 3 * u:]
+        h *= sig[:, 2 * u:3 * u]
         self.h[layer] = h
         return h
 

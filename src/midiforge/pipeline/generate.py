@@ -638,6 +638,7 @@ def finalize(dest, models: list[ModelSpec], settings: GenerateSettings, seed: in
         "primer_tokens_mapped": primer_mapped,
         "run": {"pieces": run_stats["pieces"], "tokens": gen_tokens, "workers": run_stats["workers"],
                 "batch_size": run_stats["batch_size"], "generate_seconds": round(gen_seconds, 3),
+                "decode_seconds": round(float(run_stats["decode_seconds"]), 3),  # summed over the workers
                 "worker_peak_rss_bytes": run_stats["peak_rss"]},
         "files": files,
         "seconds": round(elapsed, 3),

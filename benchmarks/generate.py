@@ -1,0 +1,177 @@
+"""Generation speed: the Keras tutorial's loop against midiforge, on this machine, in one run.
+
+* tutorial: one piece; for every note ``model.predict`` on the whole 100-token window, argmax,
+  slide the window (the tutorial's loop), with the same model as midiforge's.
+* midiforge, in process: the NumPy float64 engine's batched stateful decoding (sampling at
+  temperature 1), one BLAS thread (= one Ray actor's core), batch sizes 1 .. 1024.
+* keras stateful: the same loop on the stateful tf_keras build (the GPU engine), for reference.
+* the real stage: ``run_generate`` on a local Ray with N actors (MIDI files, pieces.parquet,
+  manifest): wall-clock tokens per second (actor start-up, MIDI files, metrics and manifest
+  included), decoding tokens per second per actor, and the peak memory of an actor.
+
+The model has random weights (speed does not depend on them).  Prints one JSON object.
+
+    .venv/bin/python benchmarks/generate.py [--quick]
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before NumPy: the in-process engine gets one core, like an actor
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import resource  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+
+def load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def tutorial_loop(model, vocab: int, window: int, notes: int) -> dict:
+    rng = np.random.default_rng(0)
+    pattern = [int(x) for x in rng.integers(4, vocab, window)]
+    model.predict(np.array([pattern], np.int32), verbose=0)  # warm-up (tracing)
+    t = time.perf_counter()
+    for _ in range(notes):
+        prediction = model.predict(np.array([pattern], np.int32), verbose=0)
+        index = int(np.argmax(prediction[0, -1]))
+        pattern = pattern[1:] + [index]
+    dt = time.perf_counter() - t
+    return {"tokens": notes, "seconds": round(dt, 3), "tokens_per_second": round(notes / dt, 2),
+            "ms_per_token": round(dt / notes * 1e3, 1), "window": window}
+
+
+def midiforge_in_process(engine, batch_sizes, min_tokens: int, tutorial_tps: float, max_tokens_cap: int) -> list:
+    from midiforge.model.decode import Limits, PieceJob, decode
+    from midiforge.model.sampling import SamplingSettings
+
+    out = []
+    for b in batch_sizes:
+        steps = max(32, min(max_tokens_cap, -(-min_tokens // b)))
+        jobs = [PieceJob(i, np.array([1], np.int32), 120.0) for i in range(b)]
+        decode(engine, jobs[:min(b, 4)], SamplingSettings(), 0, Limits(4), b)  # warm-up
+        t = time.perf_counter()
+        res = decode(engine, jobs, SamplingSettings(), 1, Limits(steps), b)
+        dt = time.perf_counter() - t
+        n = sum(len(r.generated) for r in res)
+        out.append({"batch_size": b, "tokens": n, "seconds": round(dt, 3), "tokens_per_second": round(n / dt, 1),
+                    "speedup_vs_tutorial": round(n / dt / tutorial_tps, 1)})
+    return out
+
+
+def keras_stateful(bundle, batch_sizes, steps: int) -> list:
+    from midiforge.model.decode import KerasLSTM, Limits, PieceJob, decode
+    from midiforge.model.sampling import SamplingSettings
+
+    out = []
+    for b in batch_sizes:
+        eng = KerasLSTM(bundle, b)
+        jobs = [PieceJob(i, np.array([1], np.int32), 120.0) for i in range(b)]
+        decode(eng, jobs, SamplingSettings(), 0, Limits(2), b)  # warm-up (tracing)
+        t = time.perf_counter()
+        res = decode(eng, jobs, SamplingSettings(), 1, Limits(steps), b)
+        dt = time.perf_counter() - t
+        n = sum(len(r.generated) for r in res)
+        out.append({"batch_size": b, "tokens": n, "seconds": round(dt, 3), "tokens_per_second": round(n / dt, 1)})
+    return out
+
+
+def ray_stage(model_dir: str, batch_sizes, workers: int, max_tokens: int, tutorial_tps: float) -> list:
+    from midiforge.model.decode import Limits
+    from midiforge.model.sampling import SamplingSettings
+    from midiforge.pipeline.generate import GenerateSettings, run_generate
+
+    out = []
+    settings = GenerateSettings(sampling=SamplingSettings(), limits=Limits(max_tokens))
+    for b in batch_sizes:
+        pieces = max(2 * workers * b, 16)
+        with tempfile.TemporaryDirectory(prefix="midiforge-bench-") as dest:
+            m = run_generate(model_dir, os.path.join(dest, "out"), pieces, settings, seed=1, batch_size=b,
+                             workers=workers, progress=False)
+        run = m["run"]
+        out.append({"batch_size": b, "workers": run["workers"], "pieces": pieces, "tokens": run["tokens"],
+                    "wall_seconds": run["generate_seconds"], "tokens_per_second": m["tokens_per_second"],
+                    "speedup_vs_tutorial": round(m["tokens_per_second"] / tutorial_tps, 1),
+                    "decode_tokens_per_second_per_actor": round(run["tokens"] / run["decode_seconds"], 1),
+                    "actor_peak_rss_mb": round(run["worker_peak_rss_bytes"] / 2**20, 1)})
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--embedding-dim", type=int, default=128)
+    p.add_argument("--lstm-units", default="256,256")
+    p.add_argument("--window", type=int, default=100, help="the tutorial's sequence length")
+    p.add_argument("--tutorial-notes", type=int, default=15)
+    p.add_argument("--batch-sizes", default="1,4,16,64,256,1024")
+    p.add_argument("--min-tokens", type=int, default=6000, help="tokens per in-process measurement (at least)")
+    p.add_argument("--keras-batch-sizes", default="1,64,256")
+    p.add_argument("--ray-batch-sizes", default="16,256,1024")
+    p.add_argument("--ray-max-tokens", type=int, default=96)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--quick", action="store_true", help="small sweep (a smoke test of the benchmark)")
+    args = p.parse_args()
+    if args.quick:
+        args.tutorial_notes, args.batch_sizes, args.min_tokens = 3, "1,64", 500
+        args.keras_batch_sizes, args.ray_batch_sizes, args.ray_max_tokens = "1", "16", 32
+
+    from midiforge.model.bundle import load_bundle, write_bundle
+    from midiforge.model.decode import NumpyLSTM
+    from midiforge.model.lstm import ModelConfig, build_model, parse_units, tf_keras
+    from midiforge.music.tokenizers import make_tokenizer
+    from midiforge.pipeline.generate import numpy_weights
+    from midiforge.storage import open_store
+
+    load_before = load()
+    tf, keras = tf_keras()
+    keras.utils.set_random_seed(0)
+    tok = make_tokenizer("events")
+    cfg = ModelConfig(vocab_size=tok.vocab_size, embedding_dim=args.embedding_dim,
+                      lstm_units=parse_units(args.lstm_units), tokenizer_id=tok.id)
+    model = build_model(cfg)
+    with tempfile.TemporaryDirectory(prefix="midiforge-bench-model-") as tmp:
+        path = os.path.join(tmp, "w.weights.h5")
+        model.save_weights(path)
+        with open(path, "rb") as fh:
+            weights = fh.read()
+        model_dir = os.path.join(tmp, "model")
+        write_bundle(open_store(model_dir), "bundle", config=cfg, tokenizer_json=tok.to_json(),
+                     training={"qpm_median": 120.0, "epochs_done": 0}, weights=weights)
+        bundle = load_bundle(model_dir)
+
+        tutorial = tutorial_loop(model, tok.vocab_size, args.window, args.tutorial_notes)
+        tps = tutorial["tokens_per_second"]
+        engine = NumpyLSTM(numpy_weights(bundle))
+        batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
+        in_process = midiforge_in_process(engine, batch_sizes, args.min_tokens, tps, 512)
+        keras_rows = keras_stateful(bundle, [int(x) for x in args.keras_batch_sizes.split(",") if x], 48)
+        ray_rows = ray_stage(model_dir, [int(x) for x in args.ray_batch_sizes.split(",") if x], args.workers,
+                             args.ray_max_tokens, tps)
+    best = max([r["tokens_per_second"] for r in in_process] + [r["tokens_per_second"] or 0 for r in ray_rows])
+    report = {
+        "benchmark": "generate",
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_before": load_before,
+                    "load_after": load(), "openblas_threads_in_process": os.environ.get("OPENBLAS_NUM_THREADS")},
+        "model": {"vocab_size": cfg.vocab_size, "embedding_dim": cfg.embedding_dim, "lstm_units": list(cfg.lstm_units),
+                  "parameters": cfg.parameters},
+        "tutorial_loop": tutorial,
+        "midiforge_numpy_in_process": in_process,
+        "keras_stateful_in_process": keras_rows,
+        "midiforge_ray_stage": ray_rows,
+        "best_tokens_per_second": best,
+        "best_speedup_vs_tutorial": round(best / tps, 1),
+        "target_1000x_met": best / tps >= 1000,
+        "benchmark_process_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
