@@ -54,6 +54,26 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
+def _consecutive_free_ports(n: int) -> int:
+    for _ in range(50):
+        base = _free_ports(1)[0]
+        if base + n > 65535:
+            continue
+        try:
+            socks = []
+            for p in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no consecutive free ports")
+
+
 def _epochs(metrics_path: Path) -> list[int]:
     if not metrics_path.exists():
         return []
@@ -186,22 +206,29 @@ def test_single_worker_without_configuration(shards, tmp_path):
 
 
 def test_two_workers_one_killed_then_resumed_with_exact_epochs(shards, tmp_path):
+    """Attempt 1 (TF_CONFIG) loses worker 1 to SIGKILL mid-training; attempt 2 (the same
+    command, membership from SLURM_* as under srun) finishes with every epoch exactly once."""
     from midiforge.model.bundle import load_bundle
 
     out = tmp_path / "model"
     epochs = 4
 
-    def start(attempt: int) -> list[subprocess.Popen]:
-        ports = _free_ports(2)
-        workers = [f"127.0.0.1:{p}" for p in ports]
+    def start(attempt: int, launcher: str) -> list[subprocess.Popen]:
         procs = []
+        if launcher == "tf_config":
+            workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
+            envs = [_env(TF_CONFIG=json.dumps(M.tf_config_for(workers, i))) for i in range(2)]
+        else:  # what srun gives two tasks on one node; TF_CONFIG is built from it
+            base = _consecutive_free_ports(2)
+            envs = [_env(SLURM_PROCID=str(i), SLURM_LOCALID=str(i), SLURM_NTASKS="2", SLURM_STEP_NUM_TASKS="2",
+                         SLURM_STEP_NODELIST="127.0.0.1", SLURM_STEP_TASKS_PER_NODE="2",
+                         MIDIFORGE_PORT_BASE=str(base)) for i in range(2)]
         for i in range(2):
-            cfg = json.dumps(M.tf_config_for(workers, i))
             log = open(tmp_path / f"attempt{attempt}-worker{i}.log", "w")
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "midiforge.cli", "train", str(shards), str(out), "--epochs", str(epochs),
                  *SMALL, "--backup-every", "3", "--mixed-precision", "--cache-dir", str(tmp_path / f"cache{i}")],
-                env=_env(TF_CONFIG=cfg), stdout=log, stderr=subprocess.STDOUT))
+                env=envs[i], stdout=log, stderr=subprocess.STDOUT))
         return procs
 
     def stop(procs, deadline: float) -> list[int | None]:
@@ -216,7 +243,7 @@ def test_two_workers_one_killed_then_resumed_with_exact_epochs(shards, tmp_path)
         return codes
 
     # attempt 1: kill worker 1 (not the chief) with SIGKILL once the first epoch is recorded
-    procs = start(1)
+    procs = start(1, "tf_config")
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and not _epochs(out / "metrics.jsonl") and all(p.poll() is None for p in procs):
         time.sleep(0.2)
@@ -228,12 +255,12 @@ def test_two_workers_one_killed_then_resumed_with_exact_epochs(shards, tmp_path)
     assert not (out / "manifest.json").exists(), "the job finished before the kill: make it longer"
     assert max(done_before) < epochs
 
-    # attempt 2: the very same command on both workers
-    procs = start(2)
+    # attempt 2: the very same command on both workers, this time launched as by Slurm's srun
+    procs = start(2, "slurm")
     codes = stop(procs, time.monotonic() + 240)
     chief_log = (tmp_path / "attempt2-worker0.log").read_text()
     assert codes == [0, 0], chief_log[-3000:]
-    assert "worker 0 of 2 workers" in chief_log
+    assert "worker 0 of 2 workers (from slurm), chief" in chief_log
     assert _epochs(out / "metrics.jsonl") == list(range(1, epochs + 1))   # every epoch once
     first = int(chief_log.split("Epoch ", 1)[1].split("/", 1)[0])
     assert first >= max(done_before), f"restarted at epoch {first} after {done_before} were done"
@@ -296,3 +323,19 @@ np.save({str(tmp_path / 'y.npy')!r}, r["model"](np.load({str(tmp_path / 'x.npy')
     s3_server.client().put_object(Bucket=bucket[len("s3://"):], Key="model/bundle/model.weights.h5", Body=b"junk")
     with pytest.raises(MidiforgeError, match="model.weights.h5"):
         load_bundle(model_uri, options=options)
+
+
+def test_ray_launcher_runs_the_same_training_function_on_two_ray_workers(shards, tmp_path):
+    out = tmp_path / "model"
+    launcher = Path(__file__).resolve().parents[1] / "jobs" / "train_ray.py"
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: Ray (and so TF_CONFIG) uses 127.0.0.1, not the host's address
+    r = subprocess.run([sys.executable, str(launcher), str(shards), str(out), "--num-workers", "2", "--epochs", "1",
+                        *SMALL, "--cache-dir", str(tmp_path / "cache")],
+                       env=_env(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_ADDRESS=""),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "'127.0.0.1:" in r.stdout + r.stderr   # the cluster spec Ray gave TensorFlow
+    run = json.loads((out / "run.json").read_text())
+    assert (run["workers"], run["membership"], run["status"]) == (2, "tf_config", "finished")
+    assert _epochs(out / "metrics.jsonl") == [1]
+    assert verify_store(open_store(str(out))).ok

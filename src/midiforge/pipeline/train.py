@@ -102,6 +102,10 @@ class TrainSettings:
         from midiforge.model.lstm import parse_units
 
         object.__setattr__(self, "lstm_units", parse_units(self.lstm_units))
+        for name in ("shards", "model_dir", "backup_dir", "cache_dir"):  # absolute: workers may run elsewhere
+            value = getattr(self, name)
+            if value and "://" not in value:
+                object.__setattr__(self, name, os.path.abspath(os.path.expanduser(value)))
         object.__setattr__(self, "backup_every", str(self.backup_every))
         object.__setattr__(self, "explicit", tuple(sorted(set(self.explicit))))
         for name in ("epochs", "batch_size", "seq_len", "embedding_dim", "checkpoint_every", "keep"):
