@@ -94,6 +94,15 @@ def _midi_payload(data: bytes) -> bytes:
 
 def _seconds(end_tick: int, tempo_ticks: np.ndarray, tempo_mspq: np.ndarray, tpq: int) -> float:
     """Seconds at ``end_tick`` under a tempo map (microseconds per quarter from each tick on)."""
+    if len(tempo_ticks) < 7:  # the usual map, one or a few tempos: plain Python, the same sum as NumPy's
+        ticks, mspq = [int(x) for x in tempo_ticks], [float(x) for x in tempo_mspq]
+        if not ticks or ticks[0] > 0:
+            ticks, mspq = [0] + ticks, [500_000.0] + mspq
+        kept = [(t, m) for t, m in zip(ticks, mspq) if t < end_tick]
+        total = 0.0
+        for (t, m), (t_next, _) in zip(kept, kept[1:] + [(end_tick, 0.0)]):
+            total += (t_next - t) * m
+        return total / tpq / 1e6
     if len(tempo_ticks) == 0 or tempo_ticks[0] > 0:
         tempo_ticks = np.concatenate(([0], tempo_ticks))
         tempo_mspq = np.concatenate(([500_000], tempo_mspq))
@@ -116,11 +125,12 @@ def read_midi_symusic(data: bytes, options: ReadOptions = ReadOptions()) -> Piec
     tpq = int(score.ticks_per_quarter)
     if tpq <= 0:
         raise PieceError("unsupported", f"ticks per quarter = {tpq}")
-    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("time", "duration", "pitch", "velocity", "program", "track")}
+    found: list[tuple[dict, int, int]] = []  # (note arrays, program, track index) of each track kept
     first_program = None
     total = 0
     for index, track in enumerate(score.tracks):
-        n = len(track.notes)
+        notes = track.notes
+        n = len(notes)
         if n == 0:
             continue
         program = DRUM_PROGRAM if track.is_drum else int(track.program)
@@ -135,15 +145,16 @@ def read_midi_symusic(data: bytes, options: ReadOptions = ReadOptions()) -> Piec
         total += n
         if total > options.max_notes:
             raise PieceError("too_long", f"more than {options.max_notes} notes")
-        arrays = track.notes.numpy()
-        for k in ("time", "duration", "pitch", "velocity"):
-            cols[k].append(arrays[k])
-        cols["program"].append(np.full(n, program, dtype=np.int16))
-        cols["track"].append(np.full(n, index, dtype=np.int16))
+        found.append((notes.numpy(), program, index))
     if total == 0:
         raise PieceError("no_notes", f"{len(score.tracks)} tracks, no notes")
-    time = np.concatenate(cols["time"]).astype(np.int64)
-    dur = np.concatenate(cols["duration"]).astype(np.int64)
+
+    def column(k):
+        return found[0][0][k] if len(found) == 1 else np.concatenate([f[0][k] for f in found])
+
+    counts = [len(f[0]["time"]) for f in found]
+    time = column("time").astype(np.int64)
+    dur = column("duration").astype(np.int64)
     end_tick = int((time + dur).max())
     if end_tick / tpq > options.max_quarters:
         raise PieceError("too_long", f"{end_tick / tpq:.0f} quarters > max {options.max_quarters:.0f}")
@@ -160,8 +171,9 @@ def read_midi_symusic(data: bytes, options: ReadOptions = ReadOptions()) -> Piec
         if first.numerator > 0 and first.denominator > 0:
             ts = (int(first.numerator), int(first.denominator))
     return Piece.from_columns(
-        np.concatenate(cols["pitch"]), time / tpq, dur / tpq,
-        np.concatenate(cols["velocity"]), np.concatenate(cols["program"]), np.concatenate(cols["track"]),
+        column("pitch"), time / tpq, dur / tpq, column("velocity"),
+        np.repeat(np.array([f[1] for f in found], dtype=np.int16), counts),
+        np.repeat(np.array([f[2] for f in found], dtype=np.int16), counts),
         qpm=float(qpm), time_signature=ts, seconds=_seconds(end_tick, t_ticks, t_mspq, tpq),
     )
 
