@@ -167,7 +167,8 @@ def process_batch(part: int, inputs: list[InputRef], dest_uri: str, storage: Sto
                 for k in shifts:
                     moved = piece.transpose(k)
                     if moved is not None:
-                        encoded.append((k, tok.encode_text(moved) if classic else tok.encode(moved)))
+                        # events: the piece now, its ids for the whole batch at once below (_encode_rows)
+                        encoded.append((k, tok.encode_text(moved) if classic else moved))
             except READ_ERRORS as exc:
                 outcome_of[pid] = ("failure", exc.reason, exc.detail)
                 record(ref.source, src, pid, "failure", exc.reason, exc.detail)
@@ -189,6 +190,8 @@ def process_batch(part: int, inputs: list[InputRef], dest_uri: str, storage: Sto
                 rows["seconds"].append(piece.seconds)
                 rows["qpm"].append(piece.qpm)
 
+    if not classic:
+        _encode_rows(tok, rows, journal)
     piece_table = None
     if rows["piece_id"]:
         cols = {k: pa.array(rows[k]) for k in ("piece_id", "source", "split")}
@@ -212,6 +215,35 @@ def process_batch(part: int, inputs: list[InputRef], dest_uri: str, storage: Sto
         "failures": status.count("failure"), "tokens": int(sum(rows["n_tokens"])),
         "table": piece_table, "seconds": time.perf_counter() - started,
     }
+
+
+def _encode_rows(tok, rows: dict[str, list], journal: dict[str, list]) -> None:
+    """Replace the pieces in ``rows["tokens"]`` by their ids, all in one ``encode_many`` call.
+
+    If that fails, the pieces are encoded one by one, and a piece that cannot be encoded ends
+    as it would have in the loop: a parser_error failure (with its in-batch duplicates), no rows.
+    """
+    bad: dict[str, str] = {}
+    try:
+        ids = tok.encode_many(rows["tokens"])
+    except Exception:  # some piece cannot be encoded: find which, one by one
+        ids = []
+        for pid, piece in zip(rows["piece_id"], rows["tokens"]):
+            try:
+                ids.append(tok.encode(piece))
+            except Exception as exc:  # recorded in the journal below, with its reason
+                bad.setdefault(pid, f"{type(exc).__name__}: {exc}")
+                ids.append(None)
+    rows["tokens"] = ids
+    rows["n_tokens"] = [0 if x is None else len(x) for x in ids]
+    if bad:
+        keep = [pid not in bad for pid in rows["piece_id"]]
+        for k in rows:
+            rows[k] = [v for v, ok in zip(rows[k], keep) if ok]
+        for i, (pid, status) in enumerate(zip(journal["piece_id"], journal["status"])):
+            if pid in bad and status in ("piece", "duplicate"):
+                journal["status"][i], journal["reason"][i] = "failure", "parser_error"
+                journal["detail"][i] = bad[pid][:2000]
 
 
 # -------------------------------------------------------------------------------------------
