@@ -258,8 +258,8 @@ def start_ray(address: str | None, num_cpus: int | None) -> None:
     kw = {"include_dashboard": False, "logging_level": "WARNING", "configure_logging": True}
     if address:
         ray.init(address=address, **kw)
-    else:
-        ray.init(num_cpus=num_cpus, **kw)
+    else:  # "local": our own instance; with no address Ray would join any cluster `ray start` left on this machine
+        ray.init(address="local", num_cpus=num_cpus, **kw)
 
 
 def _journal_parts(dest) -> dict[int, str]:
