@@ -88,6 +88,10 @@ def ray_stage(model_dir: str, batch_sizes, workers: int, max_tokens: int, tutori
     from midiforge.model.sampling import SamplingSettings
     from midiforge.pipeline.generate import GenerateSettings, run_generate
 
+    import ray
+
+    if not ray.is_initialized():  # a private local Ray with `workers` CPUs, never a `ray start` cluster
+        ray.init(address="local", num_cpus=workers, include_dashboard=False, logging_level="WARNING")
     out = []
     settings = GenerateSettings(sampling=SamplingSettings(), limits=Limits(max_tokens))
     for b in batch_sizes:

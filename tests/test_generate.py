@@ -7,6 +7,7 @@ module's writer; shards in preprocess's format hold the same real tokens for sha
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -129,12 +130,13 @@ def shards_dir(corpus, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ray_cluster(s3_server):
-    """A local Ray with 2 CPUs, started while the S3 test credentials are in the environment."""
+    """A private local Ray with 2 CPUs, started while the S3 test credentials are in the environment
+    (its workers inherit them).  address="local": never join a `ray start` cluster of this machine."""
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
 
@@ -350,6 +352,11 @@ def test_ray_workers_and_batch_sizes_give_the_same_pieces(ray_cluster, model_dir
     assert all(Path(a, p).read_bytes()[:4] == b"\x89PNG" for p in t["png_path"].to_pylist())
     assert t["piece_id"].to_pylist()[0] == "final-s7-000000" and t["midi_path"][0].as_py() == "midi/final/s7-000000.mid"
     assert ma["tokens_per_second"] > 0 and ma["run"]["worker_peak_rss_bytes"] > 0
+    # a cluster that cannot hold the actors: refused before anything is written
+    with pytest.raises(MidiforgeError, match="GPUs"):
+        run_generate(model_dir, str(tmp_path / "gpu"), 2, settings, seed=7, workers=1, num_gpus_per_worker=1,
+                     progress=False)
+    assert not (tmp_path / "gpu").exists()
 
 
 def test_resume_makes_only_the_missing_pieces(model_dir, tmp_path):
@@ -389,6 +396,17 @@ def test_every_checkpoint_and_a_midi_primer(model_dir, corpus, tmp_path):
     by = {(r["checkpoint"], r["index"]): r["tokens"] for r in t.to_pylist()}
     assert by[("epoch-0002", 0)] == by[("final", 0)]  # same weights, same seed: same piece
     assert by[("epoch-0001", 0)] != by[("epoch-0002", 0)]
+
+
+def test_keras_engine_through_the_stage_agrees_with_numpy(model_dir, tmp_path):
+    settings = GenerateSettings(sampling=SamplingSettings(greedy=True), limits=Limits(25), qpm=90.0)
+    k, n = str(tmp_path / "keras"), str(tmp_path / "numpy")
+    mk = run_generate(model_dir, k, 3, dataclasses.replace(settings, engine="keras"), seed=2, batch_size=2,
+                      workers=0, progress=False)
+    run_generate(model_dir, n, 3, settings, seed=2, batch_size=3, workers=0, progress=False)
+    assert mk["engine"] == "keras" and _pieces(k)["engine"].to_pylist() == ["keras"] * 3
+    assert _tokens(k) == _tokens(n)
+    assert _pieces(k)["qpm"].to_pylist() == [90.0] * 3
 
 
 def test_bundle_and_dest_on_s3(ray_cluster, s3_server, model_dir, tmp_path):

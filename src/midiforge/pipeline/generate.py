@@ -469,10 +469,6 @@ def run_generate(model_dir: str, dest_uri: str, num_pieces: int, settings: Gener
         diff = sorted(k for k in identity if identity[k] != saved["identity"].get(k))
         raise MidiforgeError(f"{dest.uri}: --resume with different {', '.join(diff)} than the run it continues "
                              f"(pieces would not match); use a new DEST")
-    # ---- from here on, things are written ----
-    if saved is None:
-        dest.write_bytes(SETTINGS, (json.dumps({"identity": identity}, indent=1) + "\n").encode())
-
     done: set[tuple[str, int]] = set()
     for info in _done_parts(dest).values():
         done.update(zip(info["labels"], info["indices"]))
@@ -487,7 +483,13 @@ def run_generate(model_dir: str, dest_uri: str, num_pieces: int, settings: Gener
             chunk = idx[k:k + batch_size]
             primers = [plan.for_piece(tok, i, settings.qpm, m.qpm_median) for i in chunk]
             tasks.append((m.label, chunk, primers))
+    n_workers = 1
+    if tasks and workers != 0:  # the cluster must fit the actors before anything is written
+        n_workers = _ray_workers(workers, address, num_gpus_per_worker, cpus_per_worker, len(tasks))
 
+    # ---- from here on, things are written ----
+    if saved is None:
+        dest.write_bytes(SETTINGS, (json.dumps({"identity": identity}, indent=1) + "\n").encode())
     stats = {"tokens": 0, "decode_seconds": 0.0, "peak_rss": 0, "workers": 0}
     gen_started = time.time()
     if tasks:
@@ -498,8 +500,7 @@ def run_generate(model_dir: str, dest_uri: str, num_pieces: int, settings: Gener
             if workers == 0:
                 _run_local(args, tasks, bar, stats)
             else:
-                _run_ray(args, tasks, bar, stats, workers=workers, address=address,
-                         gpus=num_gpus_per_worker, cpus=cpus_per_worker)
+                _run_ray(args, tasks, bar, stats, n=n_workers, gpus=num_gpus_per_worker, cpus=cpus_per_worker)
         finally:
             bar.close()
     gen_seconds = time.time() - gen_started
@@ -539,7 +540,8 @@ def _run_local(args, tasks, bar, stats) -> None:
         _account(stats, worker.run(label, chunk, primers), bar, t0)
 
 
-def _run_ray(args, tasks, bar, stats, *, workers, address, gpus, cpus) -> None:
+def _ray_workers(workers: int | None, address: str | None, gpus: float, cpus: float, n_tasks: int) -> int:
+    """Start (or join) Ray; how many actors to run (refuses a cluster that cannot hold one)."""
     import ray
 
     from midiforge.pipeline.preprocess import start_ray
@@ -549,10 +551,17 @@ def _run_ray(args, tasks, bar, stats, *, workers, address, gpus, cpus) -> None:
     if gpus > 0:
         cap = int(res.get("GPU", 0) // gpus)
         if cap < 1:
-            raise MidiforgeError(f"--num-gpus-per-worker {gpus}: the Ray cluster has {res.get('GPU', 0)} GPUs")
+            raise MidiforgeError(f"--num-gpus-per-worker {gpus}: the Ray cluster has {res.get('GPU', 0):g} GPUs")
     else:
-        cap = max(1, int(res.get("CPU", 1) // cpus))
-    n = max(1, min(workers or cap, cap, len(tasks)))
+        cap = int(res.get("CPU", 0) // cpus)
+        if cap < 1:
+            raise MidiforgeError(f"--cpus-per-worker {cpus}: the Ray cluster has {res.get('CPU', 0):g} CPUs")
+    return max(1, min(workers or cap, cap, n_tasks))
+
+
+def _run_ray(args, tasks, bar, stats, *, n: int, gpus: float, cpus: float) -> None:
+    import ray
+
     stats["workers"] = n
     models_ref = ray.put(args[0])
     actor_cls = ray.remote(GenerateWorker).options(num_cpus=cpus, num_gpus=gpus, max_restarts=1,
