@@ -31,6 +31,9 @@ import uuid
 
 import pytest
 
+# Every Ray a test starts (ray.init, `ray start --head`) listens on 127.0.0.1, not the machine's address.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 
 class S3TestServer:
     """moto's S3 server on 127.0.0.1:<free port>, stoppable and restartable on that port."""
