@@ -231,14 +231,32 @@ class EventsTokenizer:
         out[pos + 1] = self.duration_base + q.duration
         return out
 
+    #: notes per vectorized pass of encode_many: enough to amortize NumPy's per-call cost, few
+    #: enough that the working columns stay in a core's cache (measured: ~8K beats 100K by ~1.7x)
+    CHUNK_NOTES = 8192
+
     def encode_many(self, pieces: list[Piece]) -> list[np.ndarray]:
-        """``[self.encode(p) for p in pieces]`` (the same ids), in one vectorized pass.
+        """``[self.encode(p) for p in pieces]`` (the same ids), vectorized over chunks of pieces.
 
         For many small pieces the per-call cost of NumPy dominates :meth:`encode`; here the
-        notes of all pieces are one set of columns with a piece index as the first sort key,
-        and each rule of :meth:`quantize` / :meth:`encode_quantized` starts over at a piece's
-        first note.  The arrays returned are views into one buffer.
+        notes of a chunk of pieces are one set of columns with a piece index as the first sort
+        key, and each rule of :meth:`quantize` / :meth:`encode_quantized` starts over at a
+        piece's first note.  The arrays returned are views into one buffer per chunk.
         """
+        out: list[np.ndarray] = []
+        chunk: list[Piece] = []
+        notes = 0
+        for piece in pieces:
+            chunk.append(piece)
+            notes += len(piece)
+            if notes >= self.CHUNK_NOTES:
+                out.extend(self._encode_chunk(chunk))
+                chunk, notes = [], 0
+        if chunk:
+            out.extend(self._encode_chunk(chunk))
+        return out
+
+    def _encode_chunk(self, pieces: list[Piece]) -> list[np.ndarray]:
         n_pieces = len(pieces)
         if n_pieces == 0:
             return []
