@@ -253,7 +253,8 @@ def _encode_rows(tok, rows: dict[str, list], journal: dict[str, list]) -> None:
 # -------------------------------------------------------------------------------------------
 def _batch_size(files: int, workers: int) -> int:
     """About four batches per worker, of 32..256 files (a batch costs a few ms of its own: a Ray task,
-    two Parquet files), as many batches as a multiple of ``workers`` and of even sizes."""
+    two Parquet files): the count rounded up to a multiple of ``workers``, the files spread evenly
+    over it, so that no tail of a handful of files is left (the last batch may be a little smaller)."""
     count = math.ceil(files / max(32, min(256, math.ceil(files / (workers * 4)))))
     count = math.ceil(count / workers) * workers
     return max(1, math.ceil(files / count))
