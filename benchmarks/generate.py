@@ -150,6 +150,7 @@ def main() -> None:
                      training={"qpm_median": 120.0, "epochs_done": 0}, weights=weights)
         bundle = load_bundle(model_dir)
 
+        # the machine may be shared: the tutorial runs before and after, speedups use the faster run
         tutorial = tutorial_loop(model, tok.vocab_size, args.window, args.tutorial_notes)
         tps = tutorial["tokens_per_second"]
         engine = NumpyLSTM(numpy_weights(bundle))
@@ -158,6 +159,10 @@ def main() -> None:
         keras_rows = keras_stateful(bundle, [int(x) for x in args.keras_batch_sizes.split(",") if x], 48)
         ray_rows = ray_stage(model_dir, [int(x) for x in args.ray_batch_sizes.split(",") if x], args.workers,
                              args.ray_max_tokens, tps)
+        tutorial_after = tutorial_loop(model, tok.vocab_size, args.window, args.tutorial_notes)
+        fastest = max(tps, tutorial_after["tokens_per_second"])
+        for row in in_process + ray_rows:
+            row["speedup_vs_tutorial"] = round(row["tokens_per_second"] / fastest, 1)
     best = max([r["tokens_per_second"] for r in in_process] + [r["tokens_per_second"] or 0 for r in ray_rows])
     report = {
         "benchmark": "generate",
@@ -165,13 +170,13 @@ def main() -> None:
                     "load_after": load(), "openblas_threads_in_process": os.environ.get("OPENBLAS_NUM_THREADS")},
         "model": {"vocab_size": cfg.vocab_size, "embedding_dim": cfg.embedding_dim, "lstm_units": list(cfg.lstm_units),
                   "parameters": cfg.parameters},
-        "tutorial_loop": tutorial,
+        "tutorial_loop": {"before": tutorial, "after": tutorial_after, "tokens_per_second_used": fastest},
         "midiforge_numpy_in_process": in_process,
         "keras_stateful_in_process": keras_rows,
         "midiforge_ray_stage": ray_rows,
         "best_tokens_per_second": best,
-        "best_speedup_vs_tutorial": round(best / tps, 1),
-        "target_1000x_met": best / tps >= 1000,
+        "best_speedup_vs_tutorial": round(best / fastest, 1),
+        "target_1000x_met": best / fastest >= 1000,
         "benchmark_process_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
     print(json.dumps(report, indent=1))

@@ -179,6 +179,7 @@ class PrimerPlan:
     qpm: float | None = None                               # midi: the file's tempo
     windows: dict = field(default_factory=dict)            # shards: index -> (ids, qpm, source)
     mapped: int = 0                                        # midi: tokens mapped to the nearest known
+    _encoded: dict = field(default_factory=dict, repr=False)  # midi: (tokenizer id, qpm) -> ids
 
     def for_piece(self, tokenizer, index: int, qpm_setting: float | None, qpm_median: float | None):
         """(primer ids, qpm, time signature, primer source) of piece ``index``."""
@@ -190,8 +191,10 @@ class PrimerPlan:
                 self.time_signature, source
         if self.kind == "midi":
             qpm = float(qpm_setting or self.qpm or qpm_median or 120.0)
-            ids, _ = encode_primer(tokenizer, self.piece, qpm)
-            return set_tempo(tokenizer, ids, qpm), qpm, self.time_signature, self.source
+            key = (tokenizer.id, qpm)
+            if key not in self._encoded:
+                self._encoded[key] = set_tempo(tokenizer, encode_primer(tokenizer, self.piece, qpm)[0], qpm)
+            return self._encoded[key].copy(), qpm, self.time_signature, self.source
         qpm = float(qpm_setting or qpm_median or 120.0)
         return start_primer(tokenizer, qpm), qpm, (4, 4), ""
 
@@ -426,7 +429,7 @@ def _identity(models: list[ModelSpec], settings: GenerateSettings, seed: int, en
 
 
 def run_generate(model_dir: str, dest_uri: str, num_pieces: int, settings: GenerateSettings, *,
-                 seed: int | None = None, checkpoint: str = "final", batch_size: int = 64,
+                 seed: int | None = None, checkpoint: str = "final", batch_size: int = 256,
                  workers: int | None = None, address: str | None = None, num_gpus_per_worker: float = 0.0,
                  cpus_per_worker: float = 1.0, resume: bool = False, storage: StorageOptions | None = None,
                  progress: bool = True) -> dict:
@@ -475,17 +478,19 @@ def run_generate(model_dir: str, dest_uri: str, num_pieces: int, settings: Gener
     labels = [m.label for m in models]
     pending = {lab: [i for i in range(num_pieces) if (lab, i) not in done] for lab in labels}
     n_pending = sum(len(v) for v in pending.values())
+    n_workers = 1
+    if n_pending and workers != 0:  # the cluster must fit the actors before anything is written
+        n_workers = _ray_workers(workers, address, num_gpus_per_worker, cpus_per_worker, n_pending)
+    # batches of --batch-size pieces, smaller when that leaves a worker idle (tokens do not depend on it)
+    chunk_size = max(1, min(batch_size, math.ceil(n_pending / n_workers))) if n_pending else batch_size
     tasks = []
     for m in models:
         tok = _tokenizer(m)
         idx = pending[m.label]
-        for k in range(0, len(idx), batch_size):
-            chunk = idx[k:k + batch_size]
+        for k in range(0, len(idx), chunk_size):
+            chunk = idx[k:k + chunk_size]
             primers = [plan.for_piece(tok, i, settings.qpm, m.qpm_median) for i in chunk]
             tasks.append((m.label, chunk, primers))
-    n_workers = 1
-    if tasks and workers != 0:  # the cluster must fit the actors before anything is written
-        n_workers = _ray_workers(workers, address, num_gpus_per_worker, cpus_per_worker, len(tasks))
 
     # ---- from here on, things are written ----
     if saved is None:
@@ -540,7 +545,7 @@ def _run_local(args, tasks, bar, stats) -> None:
         _account(stats, worker.run(label, chunk, primers), bar, t0)
 
 
-def _ray_workers(workers: int | None, address: str | None, gpus: float, cpus: float, n_tasks: int) -> int:
+def _ray_workers(workers: int | None, address: str | None, gpus: float, cpus: float, n_pieces: int) -> int:
     """Start (or join) Ray; how many actors to run (refuses a cluster that cannot hold one)."""
     import ray
 
@@ -556,7 +561,10 @@ def _ray_workers(workers: int | None, address: str | None, gpus: float, cpus: fl
         cap = int(res.get("CPU", 0) // cpus)
         if cap < 1:
             raise MidiforgeError(f"--cpus-per-worker {cpus}: the Ray cluster has {res.get('CPU', 0):g} CPUs")
-    return max(1, min(workers or cap, cap, n_tasks))
+    return max(1, min(workers or cap, cap, n_pieces))
+
+
+MAX_REPLACEMENTS = 3  # dead actors replaced per run before giving up (their batches are redone)
 
 
 def _run_ray(args, tasks, bar, stats, *, n: int, gpus: float, cpus: float) -> None:
@@ -564,21 +572,20 @@ def _run_ray(args, tasks, bar, stats, *, n: int, gpus: float, cpus: float) -> No
 
     stats["workers"] = n
     models_ref = ray.put(args[0])
-    actor_cls = ray.remote(GenerateWorker).options(num_cpus=cpus, num_gpus=gpus, max_restarts=1,
-                                                   max_task_retries=1)
+    actor_cls = ray.remote(GenerateWorker).options(num_cpus=cpus, num_gpus=gpus)
     actors = [actor_cls.remote(models_ref, *args[1:]) for _ in range(n)]
     queue = list(tasks)
-    running: dict = {}
+    running: dict = {}   # ref -> (actor, task)
+    replaced = 0
     t0 = time.time()
     try:
         free = [a for a in actors for _ in range(2)]  # two batches in flight per actor
         while queue or running:
             while queue and free:
-                actor = free.pop(0)
-                label, chunk, primers = queue.pop(0)
-                running[actor.run.remote(label, chunk, primers)] = actor
+                actor, task = free.pop(0), queue.pop(0)
+                running[actor.run.remote(*task)] = (actor, task)
             ready, _ = ray.wait(list(running), num_returns=1)
-            actor = running.pop(ready[0])
+            actor, task = running.pop(ready[0])
             try:
                 result = ray.get(ready[0])
             except ray.exceptions.RayTaskError as exc:
@@ -586,8 +593,21 @@ def _run_ray(args, tasks, bar, stats, *, n: int, gpus: float, cpus: float) -> No
                     raise exc.cause from None
                 raise
             except ray.exceptions.RayActorError as exc:
-                raise MidiforgeError(f"a generate worker died ({type(exc).__name__}); the finished batches are "
-                                     f"kept: rerun with --resume") from None
+                # the process died (killed, out of memory, node lost): its batches start again elsewhere
+                replaced += 1
+                if replaced > MAX_REPLACEMENTS:
+                    raise MidiforgeError(f"generate workers died {replaced} times (last: {type(exc).__name__}); "
+                                         f"the finished batches are kept: rerun with --resume") from None
+                queue.insert(0, task)
+                if actor in actors:
+                    for ref in [r for r, (a, _t) in running.items() if a is actor]:
+                        queue.insert(0, running.pop(ref)[1])
+                    actors.remove(actor)
+                    free = [a for a in free if a is not actor]
+                    new = actor_cls.remote(models_ref, *args[1:])
+                    actors.append(new)
+                    free += [new, new]
+                continue
             free.append(actor)
             _account(stats, result, bar, t0)
     finally:
@@ -699,7 +719,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tempo (default: the primer's, else the corpus median recorded by preprocess)")
     g.add_argument("--piano-roll", action="store_true", help="also write a piano-roll PNG per piece")
     x = p.add_argument_group("execution")
-    x.add_argument("--batch-size", type=int, default=64, help="pieces decoded together per worker (default 64)")
+    x.add_argument("--batch-size", type=int, default=256,
+                   help="pieces decoded together by a worker (default 256; smaller when N would leave workers idle)")
     x.add_argument("--workers", type=int, default=None,
                    help="Ray actors (default: as many as the cluster's CPUs or GPUs allow; 0: no Ray)")
     x.add_argument("--cpus-per-worker", type=float, default=1.0)
