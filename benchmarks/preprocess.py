@@ -7,6 +7,9 @@ Prints one JSON object.  On the same MIDI files of CORPUS, in the same run:
   ceiling is the faster of the two (the stricter target); both ratios are printed.
 * ``engine``: the preprocess worker itself, :func:`process_batch` on all files as one batch,
   in this process, no Ray (read, sha256, parse, tokenize, write one Parquet shard).
+* ``engine_processes``: the same in one and in ``--workers`` plain processes at once (files split
+  evenly, no Ray): what the shared machine gives to parallel work during this run, i.e. the
+  ceiling of ``two_workers_vs_one``.
 * ``end_to_end``: the real stage, :func:`run_preprocess` into a fresh DEST, with one worker
   and with every core, on a local Ray started (and warmed up) before timing; the Ray start-up
   is reported apart.  files/s = input files / wall seconds of ``run_preprocess``; tokens from
@@ -101,6 +104,19 @@ def engine(refs, settings) -> dict:
         shutil.rmtree(dest, ignore_errors=True)
     return {"seconds": seconds, "tokens": res["tokens"], "pieces": res["pieces"],
             "failures": res["failures"], "duplicates": res["duplicates"]}
+
+
+def _engine_seconds(refs, settings) -> float:  # in a pool process
+    return engine(refs, settings)["seconds"]
+
+
+def engine_processes(pool, refs, settings, processes: int) -> dict:
+    """The engine in ``processes`` plain processes at once, the files split evenly, no Ray: what the
+    machine gives to that many CPU-bound processes right now (the ceiling of two_workers_vs_one)."""
+    parts = [refs[i::processes] for i in range(processes)]
+    t = time.perf_counter()
+    busy = [f.result() for f in [pool.submit(_engine_seconds, part, settings) for part in parts]]
+    return {"seconds": time.perf_counter() - t, "busy_seconds": round(sum(busy), 4)}
 
 
 def end_to_end(src: str, settings, workers: int) -> dict:
@@ -226,6 +242,11 @@ def _ratios(result: dict) -> tuple[dict, dict]:
         ratios["engine_vs_raw_symusic"] = round(result["engine"]["files_per_second"] / raw["files_per_second"], 3)
         if one:
             ratios["single_worker_vs_engine"] = round(one / result["engine"]["files_per_second"], 3)
+    ep = result.get("engine_processes", {})
+    if len(ep) > 1:  # the machine's own parallel speed-up in this run, no Ray: the ceiling of the one above
+        most_p = max(ep, key=lambda k: int(k.split("_")[1]))
+        ratios[f"machine_{most_p}_vs_one_no_ray"] = round(
+            ep[most_p]["files_per_second"] / ep["processes_1"]["files_per_second"], 3)
     if one and "music21_tutorial" in result:
         ratios["single_worker_vs_music21_tutorial"] = round(one / result["music21_tutorial"]["files_per_second"], 1)
     met = {name: ratios[name] >= target for name, target in TARGETS.items() if name in ratios}
@@ -259,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     n = min(args.tutorial_sample, len(paths))
     sample = [paths[i] for i in sorted(np.random.default_rng(args.seed).choice(len(paths), size=n, replace=False))]
     scratch = tempfile.mkdtemp(prefix="mf-bench-")
+    pool = None  # plain processes for engine_processes
     result: dict = {
         "benchmark": "preprocess", "corpus": corpus, "files": len(refs),
         "bytes": int(sum(os.path.getsize(x) for x in paths)),
@@ -283,6 +305,15 @@ def main(argv: list[str] | None = None) -> int:
         if "engine" not in args.skip:
             engine(refs[:8], settings)  # imports and first calls, not timed
             measure["engine"] = lambda: engine(refs, settings)
+            if args.workers > 1:
+                import multiprocessing
+                from concurrent.futures import ProcessPoolExecutor
+
+                pool = ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"))
+                for f in [pool.submit(_engine_seconds, refs[:8], settings) for _ in range(args.workers)]:
+                    f.result()  # started, imported, warmed up
+                for k in sorted({1, args.workers}):
+                    measure[f"engine_processes_{k}"] = lambda k=k: engine_processes(pool, refs, settings, k)
         counts: list[int] = []
         if "end_to_end" not in args.skip:
             import ray
@@ -312,9 +343,10 @@ def main(argv: list[str] | None = None) -> int:
         runs: dict[str, list[dict]] = {k: [] for k in measure}
         for round_ in range(args.repeats):
             names = list(measure)
-            if round_ % 2:  # the worker counts in the other order every other round
-                order = [k for k in names if k.startswith("workers_")]
-                names = [k if not k.startswith("workers_") else order.pop() for k in names]
+            if round_ % 2:  # the worker and process counts in the other order every other round
+                for prefix in ("workers_", "engine_processes_"):
+                    order = [k for k in names if k.startswith(prefix)]
+                    names = [k if not k.startswith(prefix) else order.pop() for k in names]
             for name in names:
                 if name == "music21_tutorial" and round_ >= args.tutorial_repeats:
                     continue
@@ -331,6 +363,10 @@ def main(argv: list[str] | None = None) -> int:
             result["raw_symusic"] = raw
         if "engine" in runs:
             result["engine"] = _best(runs["engine"], len(refs))
+            procs = sorted(int(k.rsplit("_", 1)[1]) for k in runs if k.startswith("engine_processes_"))
+            if procs:
+                result["engine_processes"] = {f"processes_{k}": _best(runs[f"engine_processes_{k}"], len(refs))
+                                              for k in procs}
         for w in counts:
             result["end_to_end"][f"workers_{w}"] = _best(runs[f"workers_{w}"], len(refs))
         if "miditok_tsd" in runs:
@@ -350,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
         result["targets"] = TARGETS
         result["machine"]["load_average_end"] = _load()
     finally:
+        if pool is not None:
+            pool.shutdown()
         shutil.rmtree(scratch, ignore_errors=True)
     print(json.dumps(result, indent=1))
     return 0
