@@ -31,8 +31,7 @@ from typing import Iterator
 from urllib.parse import urlsplit
 
 from midiforge.errors import MidiforgeError
-from midiforge.storage.manifest import check_entry, check_file
-from midiforge.storage.store import ObjectInfo, StorageOptions, StorageUnavailableError, check_rel
+from midiforge.storage.store import ObjectInfo, StorageOptions, StorageUnavailableError, VerifiedReads, check_rel
 
 CHECKSUM_MODES = ("when_supported", "when_required")
 
@@ -187,7 +186,7 @@ def check_options(options: StorageOptions) -> None:
         raise MidiforgeError(f"S3 max concurrency {options.max_concurrency}: must be at least 1")
 
 
-class S3Store:
+class S3Store(VerifiedReads):
     """A key prefix in an S3 bucket; paths are relative keys below it."""
 
     list_page_size = 1000  # keys per ListObjectsV2 page (S3's maximum)
@@ -400,15 +399,3 @@ class S3Store:
         Path(local_path).parent.mkdir(parents=True, exist_ok=True)
         with self._errors("download", rel):
             self.client.download_file(self.bucket, self.key(rel), str(local_path), Config=self._transfer_config())
-
-    # -- verified downloads (same as LocalStore) ----------------------------------------------
-    def read_verified(self, rel: str, entry: dict) -> bytes:
-        """``read_bytes`` checked against a manifest entry; a mismatch is a MidiforgeError naming the object."""
-        data = self.read_bytes(rel)
-        check_entry(self.url(rel), data, entry)
-        return data
-
-    def get_file_verified(self, rel: str, local_path: str | os.PathLike, entry: dict) -> None:
-        """``get_file`` checked against a manifest entry; on mismatch the local file is removed."""
-        self.get_file(rel, local_path)
-        check_file(self.url(rel), local_path, entry)

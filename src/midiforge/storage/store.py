@@ -115,7 +115,22 @@ def map_parallel(fn: Callable[[T], R], items: Iterable[T], max_workers: int = 8)
         return list(pool.map(fn, items))
 
 
-class LocalStore:
+class VerifiedReads:
+    """Downloads checked against a manifest entry, for any store with read_bytes/get_file/url."""
+
+    def read_verified(self, rel: str, entry: dict) -> bytes:
+        """``read_bytes`` checked against a manifest entry; a mismatch is a MidiforgeError naming the object."""
+        data = self.read_bytes(rel)
+        check_entry(self.url(rel), data, entry)
+        return data
+
+    def get_file_verified(self, rel: str, local_path: str | os.PathLike, entry: dict) -> None:
+        """``get_file`` checked against a manifest entry; on mismatch the local copy is removed."""
+        self.get_file(rel, local_path)
+        check_file(self.url(rel), local_path, entry)
+
+
+class LocalStore(VerifiedReads):
     """A directory on a local (or shared, e.g. NFS) file system."""
 
     def __init__(self, root: str | os.PathLike) -> None:
@@ -205,17 +220,6 @@ class LocalStore:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-
-    def read_verified(self, rel: str, entry: dict) -> bytes:
-        """``read_bytes`` checked against a manifest entry; a mismatch is a MidiforgeError naming the file."""
-        data = self.read_bytes(rel)
-        check_entry(self.url(rel), data, entry)
-        return data
-
-    def get_file_verified(self, rel: str, local_path: str | os.PathLike, entry: dict) -> None:
-        """``get_file`` checked against a manifest entry; on mismatch the local copy is removed."""
-        self.get_file(rel, local_path)
-        check_file(self.url(rel), local_path, entry)
 
 
 def _walk(base: Path) -> Iterator[Path]:
