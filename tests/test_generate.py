@@ -177,6 +177,10 @@ def test_numpy_engine_equals_keras_predictions(bundle, engine, corpus):
     assert np.abs(ref).max() > 1.0  # a trained model with real spread in its logits
     assert np.abs(got - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())
     assert np.abs(got - ref).max() < 2e-5 * np.abs(ref).max() + 1e-5
+    f32 = NumpyLSTM(numpy_weights(bundle), dtype=np.float32)  # --precision float32
+    f32.begin(len(x))
+    got32 = np.stack([f32.step(x[:, t]) for t in range(x.shape[1])], axis=1)
+    assert np.abs(got32 - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())
 
 
 def test_greedy_equals_plain_reference_loop_and_stateful_keras(bundle, engine, corpus):

@@ -109,6 +109,7 @@ class NumpyLSTM:
 
     def __init__(self, weights: LSTMWeights, dtype=np.float64) -> None:
         self.dtype = np.dtype(dtype)
+        self.name = "numpy" if self.dtype == np.float64 else f"numpy-{self.dtype.name}"
         self.vocab_size = weights.vocab_size
         self.units = weights.units
 

@@ -29,6 +29,7 @@ WORK = "_work"
 SETTINGS = f"{WORK}/settings.json"
 PRIMER_KINDS = ("none", "midi", "shards")
 ENGINES = ("auto", "numpy", "keras")
+PRECISIONS = ("float64", "float32")
 
 
 # -------------------------------------------------------------------------------------------
@@ -47,6 +48,7 @@ class GenerateSettings:
     primer_split: str = "train"        # shards: which split the windows come from
     piano_roll: bool = False
     engine: str = "auto"
+    precision: str = "float64"         # numpy engine: float64 (batch-independent on any BLAS) or float32
 
     def validate(self) -> "GenerateSettings":
         self.sampling.validate()
@@ -63,6 +65,8 @@ class GenerateSettings:
             raise MidiforgeError(f"--primer-split {self.primer_split}: use train, validation or test")
         if self.engine not in ENGINES:
             raise MidiforgeError(f"--engine {self.engine}: use one of {', '.join(ENGINES)}")
+        if self.precision not in PRECISIONS:
+            raise MidiforgeError(f"--precision {self.precision}: use one of {', '.join(PRECISIONS)}")
         return self
 
     def to_dict(self) -> dict:
@@ -304,7 +308,7 @@ class GenerateWorker:
             if engine == "keras":
                 eng = KerasLSTM(m.bundle, batch_size)
             else:
-                eng = NumpyLSTM(m.weights)
+                eng = NumpyLSTM(m.weights, dtype=np.dtype(settings.precision))
             clock = TokenClock(tok) if settings.limits.max_seconds is not None else None
             self.models[m.label] = (m, tok, eng, clock)
 
@@ -718,6 +722,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--qpm", type=float, default=None,
                    help="tempo (default: the primer's, else the corpus median recorded by preprocess)")
     g.add_argument("--piano-roll", action="store_true", help="also write a piano-roll PNG per piece")
+    m.add_argument("--precision", choices=PRECISIONS, default="float64",
+                   help="numpy engine arithmetic: float64 (default; a piece's tokens do not depend on the batch "
+                        "on any BLAS) or float32 (about 2x faster; batch-independent where the BLAS computes "
+                        "each row alike whatever the number of rows, as OpenBLAS does)")
     x = p.add_argument_group("execution")
     x.add_argument("--batch-size", type=int, default=256,
                    help="pieces decoded together by a worker (default 256; smaller when N would leave workers idle)")
@@ -745,7 +753,8 @@ def settings_from_args(args) -> GenerateSettings:
                                 repetition_window=args.repetition_window, greedy=args.greedy)
     return GenerateSettings(sampling=sampling, limits=Limits(args.max_tokens, args.max_seconds), qpm=args.qpm,
                             primer=primer, primer_path=path, primer_length=args.primer_length,
-                            primer_split=args.primer_split, piano_roll=args.piano_roll, engine=args.engine)
+                            primer_split=args.primer_split, piano_roll=args.piano_roll, engine=args.engine,
+                            precision=args.precision)
 
 
 def main(args) -> int:
