@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # the workers import TensorFlow through midiforge (TF_USE_LEGACY_KERAS=1 first)
     env = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
-    ray.init(address=args.address, runtime_env={"env_vars": env}, include_dashboard=False)
+    # no --address: a new local Ray ("local"), never whatever cluster a stale /tmp/ray file points to
+    ray.init(address=args.address or "local", runtime_env={"env_vars": env}, include_dashboard=False)
     storage = args.ray_storage or tempfile.mkdtemp(prefix="midiforge-ray-train-")
     trainer = TensorflowTrainer(
         _loop,

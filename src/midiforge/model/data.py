@@ -154,7 +154,7 @@ def assign(files: list[ShardFile], split: str, worker: int, workers: int) -> tup
     return holding, (worker, workers)
 
 
-def _token_batches(paths: list[str], split: str, rng: np.random.Generator | None) -> Iterator[np.ndarray]:
+def token_batches(paths: list[str], split: str, rng: np.random.Generator | None) -> Iterator[np.ndarray]:
     """Flat token ids of ``split`` rows, one Parquet row batch at a time (piece order shuffled if rng)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -188,7 +188,7 @@ def window_chunks(paths: list[str], split: str, seq_len: int, *, seed: int | lis
         buf = np.zeros(0, dtype=np.int32)
         skip = 0 if rng is None else int(rng.integers(seq_len))
         produced = 0
-        for flat in _token_batches(paths, split, rng):
+        for flat in token_batches(paths, split, rng):
             if skip:
                 cut = min(skip, len(flat))
                 flat, skip = flat[cut:], skip - cut
@@ -220,7 +220,7 @@ def count_windows(tokens: int, seq_len: int) -> int:
 def token_counts(paths: list[str], split: str, vocab_size: int) -> np.ndarray:
     """How often each id occurs in ``split`` (streamed)."""
     counts = np.zeros(vocab_size, dtype=np.int64)
-    for flat in _token_batches(paths, split, None):
+    for flat in token_batches(paths, split, None):
         counts += np.bincount(flat, minlength=vocab_size)[:vocab_size]
     return counts
 
