@@ -350,6 +350,7 @@ def test_ray_workers_and_batch_sizes_give_the_same_pieces(ray_cluster, model_dir
     ma = run_generate(model_dir, a, 6, settings, seed=7, batch_size=4, workers=1, progress=False)
     mb = run_generate(model_dir, b, 6, settings, seed=7, batch_size=2, workers=2, progress=False)
     assert ma["run"]["workers"] == 1 and mb["run"]["workers"] == 2
+    assert ma["run"]["batches_per_worker"] == [2] and mb["run"]["batches_per_worker"] == [2, 1]
     assert _tokens(a) == _tokens(b)
     t = _check_outputs(a, 6)
     assert t["primer"].to_pylist() == ["shards"] * 6 and all(s.endswith(".mid") for s in t["primer_source"].to_pylist())

@@ -15,6 +15,7 @@ import math
 import os
 import resource
 import secrets
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -369,6 +370,7 @@ class GenerateWorker:
         table = _rows_table(rows, pa, int_lists)
         write_table(self.dest, part_rel(label, indices[0]), table)  # last: its presence marks the batch done
         return {"label": label, "pieces": len(results), "tokens": int(sum(len(r.generated) for r in results)),
+                "worker": f"{socket.gethostname()}:{os.getpid()}",
                 "decode_seconds": decoded_at - started, "seconds": time.perf_counter() - started,
                 "peak_rss": self.peak_rss()}
 
@@ -499,7 +501,7 @@ def run_generate(model_dir: str, dest_uri: str, num_pieces: int, settings: Gener
     # ---- from here on, things are written ----
     if saved is None:
         dest.write_bytes(SETTINGS, (json.dumps({"identity": identity}, indent=1) + "\n").encode())
-    stats = {"tokens": 0, "decode_seconds": 0.0, "peak_rss": 0, "workers": 0}
+    stats = {"tokens": 0, "decode_seconds": 0.0, "peak_rss": 0, "workers": 0, "batches": {}}
     gen_started = time.time()
     if tasks:
         dest.delete("manifest.json")  # incomplete again until this run finishes
@@ -536,6 +538,7 @@ def _account(stats: dict, res: dict, bar, t0: float) -> None:
     stats["tokens"] += res["tokens"]
     stats["decode_seconds"] += res["decode_seconds"]
     stats["peak_rss"] = max(stats["peak_rss"], res["peak_rss"])
+    stats["batches"][res["worker"]] = stats["batches"].get(res["worker"], 0) + 1
     bar.update(res["pieces"])
     elapsed = max(time.time() - t0, 1e-9)
     bar.set_postfix(tok_s=f"{stats['tokens'] / elapsed:,.0f}", refresh=False)
@@ -583,7 +586,7 @@ def _run_ray(args, tasks, bar, stats, *, n: int, gpus: float, cpus: float) -> No
     replaced = 0
     t0 = time.time()
     try:
-        free = [a for a in actors for _ in range(2)]  # two batches in flight per actor
+        free = [a for _ in range(2) for a in actors]  # two batches in flight per actor, spread over actors first
         while queue or running:
             while queue and free:
                 actor, task = free.pop(0), queue.pop(0)
@@ -672,6 +675,7 @@ def finalize(dest, models: list[ModelSpec], settings: GenerateSettings, seed: in
         "run": {"pieces": run_stats["pieces"], "tokens": gen_tokens, "workers": run_stats["workers"],
                 "batch_size": run_stats["batch_size"], "generate_seconds": round(gen_seconds, 3),
                 "decode_seconds": round(float(run_stats["decode_seconds"]), 3),  # summed over the workers
+                "batches_per_worker": sorted(run_stats["batches"].values(), reverse=True),
                 "worker_peak_rss_bytes": run_stats["peak_rss"]},
         "files": files,
         "seconds": round(elapsed, 3),
