@@ -90,10 +90,9 @@ def ray_stage(model_dir: str, batch_sizes, workers: int, max_tokens: int, tutori
     from midiforge.model.sampling import SamplingSettings
     from midiforge.pipeline.generate import GenerateSettings, run_generate
 
-    import ray
+    from midiforge.pipeline.ray_runtime import start_ray
 
-    if not ray.is_initialized():  # a private local Ray with `workers` CPUs, never a `ray start` cluster
-        ray.init(address="local", num_cpus=workers, include_dashboard=False, logging_level="WARNING")
+    start_ray(None, workers)  # a private local Ray with `workers` CPUs (never a `ray start` cluster)
     out = []
     settings = GenerateSettings(sampling=SamplingSettings(), limits=Limits(max_tokens), precision=precision)
     for b in batch_sizes:

@@ -556,7 +556,7 @@ def _ray_workers(workers: int | None, address: str | None, gpus: float, cpus: fl
     """Start (or join) Ray; how many actors to run (refuses a cluster that cannot hold one)."""
     import ray
 
-    from midiforge.pipeline.preprocess import start_ray
+    from midiforge.pipeline.ray_runtime import start_ray
 
     start_ray(address, workers)
     res = ray.cluster_resources()
