@@ -209,6 +209,10 @@ def main() -> int:
     contexts = val[pos[:, None] + np.arange(WINDOW)[None, :]]
     targets = val[pos + WINDOW].astype(np.int64)
 
+    counts = np.bincount(train, minlength=vocab) + 1   # add-one unigram of the training targets: the floor to beat
+    unigram = np.log(counts / counts.sum())
+    baseline = score(unigram[targets], np.full(len(targets), unigram.argmax()), targets)
+
     tf, keras = tf_keras()
     seq_len = args.seq_len or DEFAULTS["seq_len"]
     load_before = load()
@@ -226,6 +230,7 @@ def main() -> int:
         "tokenizer": shards.tokenizer.id, "vocab_size": vocab,
         "train_tokens": int(len(train)), "validation_tokens": int(len(val)),
         "budget_seconds_each": args.budget_seconds, "rounds": args.rounds, "heldout_targets": int(len(targets)),
+        "heldout_unigram_baseline": baseline,
         "tutorial": tutorial, "midiforge": midiforge,
         "ratio_target_tokens_per_second": round(midiforge["target_tokens_per_second"]
                                                 / tutorial["target_tokens_per_second"], 1),

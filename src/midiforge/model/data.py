@@ -25,7 +25,7 @@ import numpy as np
 from midiforge.errors import MidiforgeError
 from midiforge.music.tokenizers import Tokenizer, load_tokenizer
 from midiforge.storage.manifest import sha256_hex
-from midiforge.storage.store import LocalStore, StorageOptions, Store, open_store
+from midiforge.storage.store import LocalStore, StorageOptions, open_store
 
 SPLITS = ("train", "validation")
 ROWS_PER_BATCH = 256

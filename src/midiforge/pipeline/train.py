@@ -265,15 +265,24 @@ def inspect_model_dir(store: Store) -> RunState:
     from midiforge.model.bundle import read_index
 
     objects = [o.path for o in store.list()]
-    run = json.loads(store.read_bytes(RUN)) if RUN in objects else None
+    run = _read_json(store, RUN) if RUN in objects else None
     finished = False
     if "manifest.json" in objects:
-        top = json.loads(store.read_bytes("manifest.json"))
-        finished = top.get("format") == "midiforge-train"
+        finished = _read_json(store, "manifest.json").get("format") == "midiforge-train"
     metrics = _parse_metrics(store.read_bytes(METRICS), store.url(METRICS)) if METRICS in objects else []
     ours = ("bundle/", "checkpoints/", "tensorboard/", f"{BACKUP_PREFIX}/")
     foreign = [p for p in objects if p not in (RUN, METRICS, "manifest.json") and not p.startswith(ours)]
     return RunState(run, finished, read_index(store), metrics, f"{BACKUP_PREFIX}/manifest.json" in objects, foreign)
+
+
+def _read_json(store: Store, rel: str) -> dict:
+    try:
+        value = json.loads(store.read_bytes(rel))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MidiforgeError(f"{store.url(rel)}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise MidiforgeError(f"{store.url(rel)}: not a JSON object")
+    return value
 
 
 def _parse_metrics(data: bytes, where: str) -> list[dict]:
@@ -474,7 +483,7 @@ class RunWriter:
         for o in objects:
             if o.path.endswith("/manifest.json") and (o.path.startswith("bundle/") or o.path.startswith("checkpoints/")):
                 prefix = o.path[: -len("manifest.json")]
-                sub = json.loads(self.store.read_bytes(o.path))
+                sub = _read_json(self.store, o.path)
                 for e in sub.get("files", []):
                     known[prefix + e["path"]] = {"path": prefix + e["path"], "bytes": e["bytes"], "sha256": e["sha256"]}
         files = []
@@ -508,7 +517,7 @@ def backup_location(settings: TrainSettings, store: Store, rank: int) -> tuple[s
 
 
 def download_backup(store: Store, local: str) -> None:
-    manifest = json.loads(store.read_bytes(f"{BACKUP_PREFIX}/manifest.json"))
+    manifest = _read_json(store, f"{BACKUP_PREFIX}/manifest.json")
     for e in manifest["files"]:
         store.get_file_verified(f"{BACKUP_PREFIX}/{e['path']}", os.path.join(local, e["path"]), e)
 
@@ -615,7 +624,7 @@ def run_training(settings: TrainSettings | dict, *, membership: str | None = Non
         from midiforge.model.bundle import OPTIMIZER, WEIGHTS
 
         ck = plan.restore_checkpoint
-        cmanifest = json.loads(store.read_bytes(f"{ck}/manifest.json"))
+        cmanifest = _read_json(store, f"{ck}/manifest.json")
         entries = {e["path"]: e for e in cmanifest["files"]}
         w = store.read_verified(f"{ck}/{WEIGHTS}", entries[WEIGHTS])
         o = store.read_verified(f"{ck}/{OPTIMIZER}", entries[OPTIMIZER]) if OPTIMIZER in entries else None
