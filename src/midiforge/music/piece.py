@@ -20,6 +20,8 @@ class Piece:
     ``start`` and ``duration`` are in quarter notes.  ``program`` is the
     General MIDI program 0..127, or :data:`DRUM_PROGRAM` for drum notes.
     ``seconds`` is the length of the piece in seconds (end of the last note).
+    Notes come in no guaranteed order (readers keep the file's; :meth:`from_columns` sorts by
+    start, program, pitch): whoever needs an order sorts, as the tokenizers do.
     """
 
     pitch: np.ndarray

@@ -149,33 +149,35 @@ def read_midi_symusic(data: bytes, options: ReadOptions = ReadOptions()) -> Piec
     if total == 0:
         raise PieceError("no_notes", f"{len(score.tracks)} tracks, no notes")
 
-    def column(k):
-        return found[0][0][k] if len(found) == 1 else np.concatenate([f[0][k] for f in found])
-
-    counts = [len(f[0]["time"]) for f in found]
-    time = column("time").astype(np.int64)
-    dur = column("duration").astype(np.int64)
-    end_tick = int((time + dur).max())
+    if len(found) == 1:  # the common case: no concatenation
+        arrays, program, index = found[0]
+        time, dur, pitch, vel = arrays["time"], arrays["duration"], arrays["pitch"], arrays["velocity"]
+        prog = np.full(total, program, dtype=np.int16)
+        trk = np.full(total, index, dtype=np.int16)
+    else:
+        time, dur, pitch, vel = (np.concatenate([f[0][k] for f in found]) for k in ("time", "duration", "pitch", "velocity"))
+        counts = [len(f[0]["time"]) for f in found]
+        prog = np.repeat(np.array([f[1] for f in found], dtype=np.int16), counts)
+        trk = np.repeat(np.array([f[2] for f in found], dtype=np.int16), counts)
+    end_tick = int((time.astype(np.int64) + dur).max())
     if end_tick / tpq > options.max_quarters:
         raise PieceError("too_long", f"{end_tick / tpq:.0f} quarters > max {options.max_quarters:.0f}")
     tempos = score.tempos
     if len(tempos):
         tarr = tempos.numpy()
-        t_ticks, t_mspq = tarr["time"].astype(np.int64), tarr["mspq"].astype(np.float64)
+        t_ticks, t_mspq = tarr["time"], tarr["mspq"]
         qpm = 6e7 / float(t_mspq[0])
     else:
-        t_ticks, t_mspq, qpm = np.zeros(0, np.int64), np.zeros(0), 120.0
+        t_ticks, t_mspq, qpm = (), (), 120.0
     ts = (4, 4)
     if len(score.time_signatures):
         first = score.time_signatures[0]
         if first.numerator > 0 and first.denominator > 0:
             ts = (int(first.numerator), int(first.denominator))
-    return Piece.from_columns(
-        column("pitch"), time / tpq, dur / tpq, column("velocity"),
-        np.repeat(np.array([f[1] for f in found], dtype=np.int16), counts),
-        np.repeat(np.array([f[2] for f in found], dtype=np.int16), counts),
-        qpm=float(qpm), time_signature=ts, seconds=_seconds(end_tick, t_ticks, t_mspq, tpq),
-    )
+    scale = 1.0 / tpq
+    # the file's note order: tokenizers sort what they need (a sort here would be paid twice)
+    return Piece(pitch, time * scale, dur * scale, vel, prog, float(qpm), ts,
+                 _seconds(end_tick, t_ticks, t_mspq, tpq), {}, trk)
 
 
 # ------------------------------------------------------------------------------------------

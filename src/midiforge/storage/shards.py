@@ -35,9 +35,14 @@ def int_lists(arrays: list[np.ndarray]) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
 
 
+#: Columns worth a Parquet dictionary (few distinct values); token lists are not, and cost time.
+DICTIONARY_COLUMNS = ("split", "tokenizer", "status", "reason")
+
+
 def table_bytes(table: pa.Table) -> bytes:
     sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd")
+    pq.write_table(table, sink, compression="zstd",
+                   use_dictionary=[c for c in DICTIONARY_COLUMNS if c in table.column_names])
     return sink.getvalue()
 
 

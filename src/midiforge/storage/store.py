@@ -176,11 +176,8 @@ class LocalStore(VerifiedReads):
         base = self.path(prefix) if prefix else self.root
         if base.is_file():
             return [ObjectInfo(_check_rel(prefix), base.stat().st_size)]
-        out = []
-        for p in _walk(base):
-            if p.name.startswith(".") and p.name.endswith(".tmp"):
-                continue
-            out.append(ObjectInfo(p.relative_to(self.root).as_posix(), p.stat().st_size))
+        root = str(self.root)
+        out = [ObjectInfo(os.path.relpath(path, root).replace(os.sep, "/"), size) for path, size in _scan(str(base))]
         return sorted(out, key=lambda o: o.path)
 
     def delete(self, rel: str) -> None:
@@ -222,9 +219,17 @@ class LocalStore(VerifiedReads):
             raise
 
 
-def _walk(base: Path) -> Iterator[Path]:
-    if not base.is_dir():
+def _scan(base: str) -> Iterator[tuple[str, int]]:
+    """(path, size) of every file below ``base`` (os.scandir: no stat call beyond the entry's own),
+    leaving out the temporary files of writes in progress."""
+    try:
+        entries = list(os.scandir(base))
+    except (FileNotFoundError, NotADirectoryError):
         return
-    for dirpath, _dirnames, filenames in os.walk(base):
-        for name in filenames:
-            yield Path(dirpath) / name
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=True):
+            yield from _scan(entry.path)
+        elif entry.is_file(follow_symlinks=True):
+            if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+                continue
+            yield entry.path, entry.stat().st_size
