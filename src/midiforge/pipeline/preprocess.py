@@ -23,7 +23,7 @@ from midiforge.music.readers import READ_ERRORS, SUFFIXES, ReadOptions, read_pie
 from midiforge.music.tokenizers import ClassicTokenizer, EventsConfig, make_tokenizer
 from midiforge.storage import StorageOptions, StorageUnavailableError, file_entry, open_store, split_uri, write_manifest
 from midiforge.pipeline.ray_runtime import start_ray  # noqa: F401  (re-exported for older imports)
-from midiforge.storage.shards import SHARD_SCHEMA, int_lists, read_table, write_table
+from midiforge.storage.shards import SHARD_SCHEMA, int_lists, read_table, table_from_bytes, write_table
 
 WORK = "_work"
 SPLITS = ("train", "validation", "test")
@@ -208,6 +208,7 @@ def process_batch(part: int, inputs: list[InputRef], dest_uri: str, storage: Sto
         cols["qpm"] = pa.array(rows["qpm"], pa.float64())
         cols["tokenizer"] = pa.array([tok.id] * len(rows["piece_id"]))
         piece_table = write_table(dest, _piece_table_path(part, classic), pa.table(cols))
+        piece_table["stats"] = _table_stats(rows["split"], rows["transpose"], rows["qpm"], rows["n_tokens"])
     # the journal is written last: its presence says the batch is complete
     write_table(dest, f"{WORK}/part-{part:05d}.parquet", pa.table(journal, schema=JOURNAL_SCHEMA))
     status = journal["status"]
@@ -217,6 +218,16 @@ def process_batch(part: int, inputs: list[InputRef], dest_uri: str, storage: Sto
         "failures": status.count("failure"), "tokens": int(sum(rows["n_tokens"])),
         "table": piece_table, "seconds": time.perf_counter() - started,
     }
+
+
+def _table_stats(split, transpose, qpm, n_tokens) -> dict:
+    """What the manifest needs of one shard: rows, tokens, and per split/qpm of the untransposed rows."""
+    originals = [i for i, k in enumerate(transpose) if k == 0]
+    splits = dict.fromkeys(SPLITS, 0)
+    for i in originals:
+        splits[split[i]] += 1
+    return {"rows": len(split), "tokens": int(sum(n_tokens)), "splits": splits,
+            "qpm": [float(qpm[i]) for i in originals]}
 
 
 def _encode_rows(tok, rows: dict[str, list], journal: dict[str, list]) -> None:
@@ -353,8 +364,10 @@ def run_preprocess(src: str, dest_uri: str, settings: PreprocessSettings, *, res
             bar.update(res["files"])
             bar.set_postfix(failures=failures, refresh=False)
         bar.close()
-    manifest = finalize(dest, settings, src_count=len(refs), started=started)
-    return manifest
+        known = {r["part"]: r["table"] for r in results if r["table"] is not None}
+    else:
+        known = {}
+    return finalize(dest, settings, src_count=len(refs), started=started, known=known)
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -364,8 +377,14 @@ def _progress(total: int, initial: int, enabled: bool):
                 dynamic_ncols=True, smoothing=0.1)
 
 
-def finalize(dest, settings: PreprocessSettings, *, src_count: int, started: float) -> dict:
-    """Resolve duplicates across batches, build the classic vocabulary, write the outputs and the manifest."""
+def finalize(dest, settings: PreprocessSettings, *, src_count: int, started: float,
+             known: dict[int, dict] | None = None) -> dict:
+    """Resolve duplicates across batches, build the classic vocabulary, write the outputs and the manifest.
+
+    ``known`` maps a part to what its task reported of the shard it wrote ({path, rows, bytes, sha256,
+    stats}); parts not in it, or rewritten here, are read back once.
+    """
+    known = dict(known or {})
     dest.delete("manifest.json")  # whatever happens below, no manifest may name an object being rewritten
     tok = settings.make_tokenizer()
     classic = isinstance(tok, ClassicTokenizer)
@@ -390,6 +409,7 @@ def finalize(dest, settings: PreprocessSettings, *, src_count: int, started: flo
         pt = read_table(dest, rel)
         keep = [(s, p) not in drop_set for s, p in zip(pt["source"].to_pylist(), pt["piece_id"].to_pylist())]
         write_table(dest, rel, pt.filter(pa.array(keep)))
+        known.pop(part, None)
         t = t.set_column(t.schema.get_field_index("status"), "status", pa.array(new_status))
         write_table(dest, journals[part], t)
         tables[part] = t
@@ -407,19 +427,25 @@ def finalize(dest, settings: PreprocessSettings, *, src_count: int, started: flo
             t = t.set_column(t.schema.get_field_index("tokenizer"), "tokenizer", pa.array([tok.id] * t.num_rows))
             write_table(dest, f"shards/part-{p:05d}.parquet", t.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA))
 
+    if classic:
+        known = {}  # every shard was just written from its raw table
     shards, qpms, split_counts, rows_total, tokens_total = [], [], dict.fromkeys(SPLITS, 0), 0, 0
     for p in piece_parts:
         rel = f"shards/part-{p:05d}.parquet"
-        data = dest.read_bytes(rel)
-        t = read_table(dest, rel, ["split", "transpose", "n_tokens", "qpm"])
-        entry = file_entry(rel, data)
-        shards.append({"path": rel, "rows": t.num_rows, "bytes": entry["bytes"], "sha256": entry["sha256"]})
-        original = np.asarray(t["transpose"]) == 0
-        qpms.extend(np.asarray(t["qpm"])[original].tolist())
-        for s in np.asarray(t["split"])[original]:
-            split_counts[s] += 1
-        rows_total += t.num_rows
-        tokens_total += int(np.asarray(t["n_tokens"]).sum())
+        info = known.get(p)
+        if info is None:  # a shard of an earlier run, or rewritten here: read it back, once
+            data = dest.read_bytes(rel)
+            t = table_from_bytes(data, dest.url(rel), ["split", "transpose", "n_tokens", "qpm"])
+            stats = _table_stats(t["split"].to_pylist(), t["transpose"].to_pylist(), t["qpm"].to_pylist(),
+                                 t["n_tokens"].to_pylist())
+            info = {**file_entry(rel, data), "rows": t.num_rows, "stats": stats}
+        shards.append({"path": rel, "rows": info["rows"], "bytes": info["bytes"], "sha256": info["sha256"]})
+        stats = info["stats"]
+        qpms.extend(stats["qpm"])
+        for split, n in stats["splits"].items():
+            split_counts[split] += n
+        rows_total += stats["rows"]
+        tokens_total += stats["tokens"]
 
     journal_all = pa.concat_tables([tables[p] for p in sorted(tables)]) if tables else \
         JOURNAL_SCHEMA.empty_table()

@@ -54,8 +54,12 @@ def write_table(store: Store, rel: str, table: pa.Table) -> dict:
 
 
 def read_table(store: Store, rel: str, columns: list[str] | None = None) -> pa.Table:
-    data = store.read_bytes(rel)
+    return table_from_bytes(store.read_bytes(rel), store.url(rel), columns)
+
+
+def table_from_bytes(data: bytes, where: str, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet table from bytes already read; ``where`` names it in errors."""
     try:
         return pq.read_table(io.BytesIO(data), columns=columns)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise MidiforgeError(f"{store.url(rel)}: not a readable Parquet file ({exc})") from None
+        raise MidiforgeError(f"{where}: not a readable Parquet file ({exc})") from None
