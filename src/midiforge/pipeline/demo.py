@@ -1,5 +1,7 @@
 """The whole pipeline on the embedded demo corpus: Bach chorales from music21's bundled corpus,
-exported to MIDI (no download), on a local Ray, with a local folder as the object store."""
+exported to MIDI (no download), on a local Ray, with a local folder as the object store:
+preprocess -> train (a small LSTM, a few minutes on 2 CPU cores) -> generate (MIDI files).
+Running it again continues where it stopped and redoes nothing that is finished."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo-out", help="folder for everything the demo writes (default: demo-out)")
     p.add_argument("--chorales", type=int, default=120, help="how many Bach chorales to export (default: 120)")
     p.add_argument("--workers", type=int, help="Ray workers (default: every CPU)")
+    p.add_argument("--epochs", type=int, default=8, help="training epochs (default: 8)")
+    p.add_argument("--pieces", type=int, default=16, help="pieces to generate (default: 16)")
 
 
 def export_chorale(path: str, dest: str) -> str:
@@ -67,4 +71,23 @@ def main(args) -> int:
         return code
     manifest = json.loads((shards / "manifest.json").read_text())
     print(f"demo: {manifest['pieces']} pieces, {manifest['tokens']} tokens -> {shards}/shards/")
+
+    model = out / "model"
+    if (model / "manifest.json").exists():
+        print(f"demo: the model in {model} is finished; delete it to train again")
+    else:  # a fresh run, or the same command again after an interruption (it resumes from its backup)
+        code = cli(["train", str(shards), str(model), "--epochs", str(args.epochs), "--lstm-units", "256",
+                    "--embedding-dim", "64", "--batch-size", "32", "--seq-len", "128", "--progress", "epoch"])
+        if code:
+            return code
+
+    pieces = out / "pieces"
+    resume = ["--resume"] if (pieces / "_work" / "settings.json").exists() else []
+    code = cli(["generate", str(model), str(pieces), "--num-pieces", str(args.pieces), "--seed", "0",
+                "--max-tokens", "512", "--top-p", "0.95", "--piano-roll", *workers, *resume])
+    if code:
+        return code
+    midi = sorted(pieces.rglob("*.mid"))
+    print(f"demo: {len(midi)} MIDI files in {pieces}/midi/ (pieces.parquet has their metrics); "
+          f"model bundle in {model}/bundle/")
     return 0
