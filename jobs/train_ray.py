@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--num-workers", type=int, default=2, help="TensorFlow workers (default 2)")
     g.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker (default 1)")
     g.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
-    g.add_argument("--address", default=None, help="Ray cluster address (default: start Ray locally)")
+    g.add_argument("--address", default=None,
+                   help="Ray cluster address (default: RAY_ADDRESS, else a private local Ray on 127.0.0.1)")
     g.add_argument("--max-failures", type=int, default=0, help="worker-group restarts Ray may do (default 0)")
     g.add_argument("--ray-storage", default=None, help="Ray Train's run directory (default: a temporary directory)")
     args = parser.parse_args(argv)
@@ -56,8 +57,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # the workers import TensorFlow through midiforge (TF_USE_LEGACY_KERAS=1 first)
     env = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
-    # no --address: a new local Ray ("local"), never whatever cluster a stale /tmp/ray file points to
-    ray.init(address=args.address or "local", runtime_env={"env_vars": env}, include_dashboard=False)
+    address = args.address or os.environ.get("RAY_ADDRESS") or None
+    if not address:  # a private local Ray on loopback, never a cluster a stale /tmp/ray file points to
+        from midiforge.pipeline.ray_runtime import LOOPBACK_ENV
+
+        os.environ.setdefault(LOOPBACK_ENV, "0")
+    ray.init(address=address or "local", runtime_env={"env_vars": env}, include_dashboard=False,
+             logging_level="WARNING")
     storage = args.ray_storage or tempfile.mkdtemp(prefix="midiforge-ray-train-")
     trainer = TensorflowTrainer(
         _loop,
