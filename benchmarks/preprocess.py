@@ -266,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from midiforge.music.readers import MIDI_SUFFIXES
-    from midiforge.pipeline.preprocess import PreprocessSettings, list_inputs, run_preprocess, start_ray
+    from midiforge.pipeline.preprocess import PreprocessSettings, list_inputs, run_preprocess
+    from midiforge.pipeline.ray_runtime import start_ray
 
     load_start = _load()
     corpus = os.path.abspath(args.corpus)

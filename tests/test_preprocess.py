@@ -169,9 +169,11 @@ def test_resume_after_kill_equals_a_clean_run(tmp_path, ray_local):
     assert _rows(dest) == _rows(tmp_path / "clean")
     assert _failures(dest) == _failures(tmp_path / "clean")
     assert verify_store(open_store(str(dest))).ok
-    # a resume of a finished run does nothing and keeps the result
+    # a resume of a finished run does nothing and keeps the result, manifest included
+    before = (dest / "manifest.json").read_bytes()
     again = run_preprocess(str(src), str(dest), PreprocessSettings(), resume=True, progress=False)
     assert {k: again[k] for k in keys} == {k: clean[k] for k in keys}
+    assert (dest / "manifest.json").read_bytes() == before
 
 
 def test_cli_end_to_end_on_the_ff_corpus(tmp_path):

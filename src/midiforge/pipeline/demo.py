@@ -41,7 +41,7 @@ def build_corpus(out: Path, n: int, workers: int | None) -> Path:
     import ray
     from music21 import corpus
 
-    from midiforge.pipeline.preprocess import start_ray
+    from midiforge.pipeline.ray_runtime import start_ray
 
     paths = sorted(str(p) for p in corpus.getComposer("bach") if Path(p).name.startswith("bwv"))[:n]
     if not paths:

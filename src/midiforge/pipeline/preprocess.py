@@ -21,8 +21,8 @@ import pyarrow as pa
 from midiforge.errors import MidiforgeError
 from midiforge.music.readers import READ_ERRORS, SUFFIXES, ReadOptions, read_piece, split_units
 from midiforge.music.tokenizers import ClassicTokenizer, EventsConfig, make_tokenizer
-from midiforge.storage import StorageOptions, StorageUnavailableError, file_entry, open_store, split_uri, write_manifest
-from midiforge.pipeline.ray_runtime import start_ray  # noqa: F401  (re-exported for older imports)
+from midiforge.storage import StorageOptions, StorageUnavailableError, file_entry, open_store, read_manifest, split_uri, write_manifest
+from midiforge.pipeline.ray_runtime import start_ray
 from midiforge.storage.shards import SHARD_SCHEMA, int_lists, read_table, table_from_bytes, write_table
 
 WORK = "_work"
@@ -328,6 +328,8 @@ def run_preprocess(src: str, dest_uri: str, settings: PreprocessSettings, *, res
                 if int(name[len(prefix):len(prefix) + 5]) not in journals:
                     dest.delete(o.path)
     todo = [r for r in refs if r.source not in done]
+    if not todo and dest.exists("manifest.json"):  # a finished run, nothing new in SRC: keep its result
+        return read_manifest(dest)
     if todo:
         dest.delete("manifest.json")  # the stage is incomplete again until it finishes
 

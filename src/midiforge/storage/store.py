@@ -100,8 +100,6 @@ def check_rel(rel: str) -> str:
     return rel
 
 
-_check_rel = check_rel
-
 
 def map_parallel(fn: Callable[[T], R], items: Iterable[T], max_workers: int = 8) -> list[R]:
     """``[fn(x) for x in items]`` on a thread pool (for many small transfers), in order.
@@ -144,7 +142,7 @@ class LocalStore(VerifiedReads):
         return (LocalStore, (str(self.root),))
 
     def path(self, rel: str) -> Path:
-        return self.root / _check_rel(rel)
+        return self.root / check_rel(rel)
 
     def url(self, rel: str) -> str:
         return str(self.path(rel))
@@ -175,7 +173,7 @@ class LocalStore(VerifiedReads):
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         base = self.path(prefix) if prefix else self.root
         if base.is_file():
-            return [ObjectInfo(_check_rel(prefix), base.stat().st_size)]
+            return [ObjectInfo(check_rel(prefix), base.stat().st_size)]
         root = str(self.root)
         out = [ObjectInfo(os.path.relpath(path, root).replace(os.sep, "/"), size) for path, size in _scan(str(base))]
         return sorted(out, key=lambda o: o.path)
