@@ -3,12 +3,15 @@ and exact round trips on edge cases."""
 from __future__ import annotations
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from corpora import midi_files
 from midiforge.music.piece import DRUM_PROGRAM, Piece
 from midiforge.music.readers import read_piece
 from midiforge.music.tokenizers import EventsConfig, EventsTokenizer
-from midiforge.pipeline.preprocess import _encode_rows
+from midiforge.music.midi_io import piece_to_midi
+from midiforge.pipeline.preprocess import PreprocessSettings, list_inputs, process_batch
+from midiforge.storage import StorageOptions
 
 CONFIGS = [
     EventsConfig(),
@@ -52,20 +55,33 @@ def test_encode_many_is_independent_of_chunking_on_every_shared_file():
     assert EventsTokenizer().encode_many([]) == []
 
 
-def test_a_piece_that_cannot_be_encoded_fails_alone_with_its_reason():
-    tok = EventsTokenizer(EventsConfig(programs=True))
+def test_a_piece_that_cannot_be_encoded_fails_alone_with_its_reason(tmp_path, monkeypatch):
+    """The worker encodes a whole batch at once; if that raises, the pieces are encoded one by one and
+    only the one that fails (and its identical copy in the batch) becomes a parser_error failure."""
     good = Piece.from_columns([60, 64], [0.0, 1.0], [1.0, 1.0], [90, 90], [0, 0])
-    bad = Piece.from_columns([60], [0.0], [1.0], [90], [0])
-    bad = Piece(bad.pitch, bad.start, bad.duration, bad.velocity, np.array([999], dtype=np.int16))  # no such program
-    rows = {"piece_id": ["a", "b", "c"], "source": ["a.mid", "b.mid", "c.mid"], "tokens": [good, bad, good],
-            "n_tokens": [0, 0, 0]}
-    journal = {"input": ["a.mid", "b.mid", "b2.mid", "c.mid"], "source": ["a.mid", "b.mid", "b2.mid", "c.mid"],
-               "piece_id": ["a", "b", "b", "c"], "status": ["piece", "piece", "duplicate", "piece"],
-               "reason": [""] * 4, "detail": [""] * 4}
-    _encode_rows(tok, rows, journal)
-    assert rows["piece_id"] == ["a", "c"] and rows["source"] == ["a.mid", "c.mid"]
-    assert all(np.array_equal(ids, tok.encode(good)) for ids in rows["tokens"])
-    assert rows["n_tokens"] == [len(tok.encode(good))] * 2
-    assert journal["status"] == ["piece", "failure", "failure", "piece"]
-    assert journal["reason"][1] == journal["reason"][2] == "parser_error"
-    assert "IndexError" in journal["detail"][1]
+    marked = Piece.from_columns([60, 13], [0.0, 1.0], [1.0, 1.0], [90, 90], [0, 0])  # pitch 13: the fault below
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, piece in (("a.mid", good), ("b.mid", marked), ("b2.mid", marked), ("c.mid", good.transpose(2))):
+        (src / name).write_bytes(piece_to_midi(piece))
+    chunk = EventsTokenizer._encode_chunk
+
+    def failing_chunk(self, batch):  # an encoder bug that only a piece with a pitch-13 note triggers
+        if (batch.pitch == 13).any():
+            raise IndexError("pitch 13 cannot be encoded")
+        return chunk(self, batch)
+
+    monkeypatch.setattr(EventsTokenizer, "_encode_chunk", failing_chunk)
+    refs = list_inputs(str(src))
+    res = process_batch(0, refs, str(tmp_path / "out"), StorageOptions(), PreprocessSettings())
+    assert (res["pieces"], res["duplicates"], res["failures"]) == (2, 0, 2)
+    journal = pq.read_table(tmp_path / "out" / "_work" / "part-00000.parquet").to_pylist()
+    assert [(r["source"], r["status"], r["reason"]) for r in journal] == [
+        ("a.mid", "piece", ""), ("b.mid", "failure", "parser_error"), ("b2.mid", "failure", "parser_error"),
+        ("c.mid", "piece", "")]
+    assert "IndexError: pitch 13 cannot be encoded" in journal[1]["detail"]
+    shard = pq.read_table(tmp_path / "out" / "shards" / "part-00000.parquet").to_pylist()
+    tok = EventsTokenizer()
+    assert [r["source"] for r in shard] == ["a.mid", "c.mid"]
+    for r, piece in zip(shard, (good, good.transpose(2))):
+        assert r["tokens"] == tok.encode(piece).tolist() and r["n_tokens"] == len(r["tokens"])

@@ -81,3 +81,110 @@ class Piece:
             moved.astype(np.int16), self.start, self.duration, self.velocity, self.program,
             self.qpm, self.time_signature, self.seconds, dict(self.meta), self.track,
         )
+
+
+@dataclass(frozen=True)
+class PieceBatch:
+    """Many pieces as one set of note columns (the columnar form of a list of :class:`Piece`).
+
+    The notes of piece ``i`` are rows ``offsets[i]:offsets[i + 1]`` of every note column; the
+    per-piece facts (``qpm``, ``seconds``, ``time_signature``) have one entry per piece.  Readers
+    and tokenizers that work on a whole batch at once use it to pay NumPy's per-call cost once per
+    batch instead of once per piece; :meth:`piece` gives back piece ``i`` (views, no copies).
+    """
+
+    pitch: np.ndarray     # int16
+    start: np.ndarray     # float64, quarters
+    duration: np.ndarray  # float64, quarters
+    velocity: np.ndarray  # int16
+    program: np.ndarray   # int16
+    track: np.ndarray     # int16
+    offsets: np.ndarray   # int64, len(self) + 1
+    qpm: np.ndarray       # float64, one per piece
+    seconds: np.ndarray   # float64, one per piece
+    time_signature: np.ndarray  # int64 (pieces, 2): numerator, denominator
+
+    NOTE_COLUMNS = ("pitch", "start", "duration", "velocity", "program", "track")
+
+    def __len__(self) -> int:
+        return int(self.offsets.shape[0]) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def piece(self, i: int) -> Piece:
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        num, den = self.time_signature[i]
+        return Piece(self.pitch[a:b], self.start[a:b], self.duration[a:b], self.velocity[a:b],
+                     self.program[a:b], float(self.qpm[i]), (int(num), int(den)), float(self.seconds[i]),
+                     {}, self.track[a:b])
+
+    def pieces(self) -> list[Piece]:
+        return [self.piece(i) for i in range(len(self))]
+
+    @classmethod
+    def from_pieces(cls, pieces: list[Piece]) -> "PieceBatch":
+        lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
+        offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+
+        def column(name, dtype):
+            parts = [np.zeros(len(p), dtype) if name == "track" and p.track is None else getattr(p, name)
+                     for p in pieces]
+            return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
+
+        return cls(column("pitch", np.int16), column("start", np.float64), column("duration", np.float64),
+                   column("velocity", np.int16), column("program", np.int16), column("track", np.int16),
+                   offsets, np.array([p.qpm for p in pieces], dtype=np.float64),
+                   np.array([p.seconds for p in pieces], dtype=np.float64),
+                   np.array([p.time_signature for p in pieces], dtype=np.int64).reshape(len(pieces), 2))
+
+    def take(self, indices) -> "PieceBatch":
+        """The pieces at ``indices`` (in that order, repeats allowed), as a new batch."""
+        indices = np.asarray(indices, dtype=np.int64)
+        lengths = self.lengths[indices]
+        offsets = np.zeros(len(indices) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        rows = np.repeat(self.offsets[indices] - offsets[:-1], lengths) + np.arange(int(offsets[-1]))
+        return PieceBatch(*(getattr(self, k)[rows] for k in self.NOTE_COLUMNS), offsets,
+                          self.qpm[indices], self.seconds[indices], self.time_signature[indices])
+
+    def slice(self, a: int, b: int) -> "PieceBatch":
+        """Pieces ``a..b-1`` as views (no copies)."""
+        lo, hi = int(self.offsets[a]), int(self.offsets[b])
+        return PieceBatch(*(getattr(self, k)[lo:hi] for k in self.NOTE_COLUMNS), self.offsets[a:b + 1] - lo,
+                          self.qpm[a:b], self.seconds[a:b], self.time_signature[a:b])
+
+    def transposed(self, semitones: np.ndarray) -> "PieceBatch":
+        """Every piece moved by its own number of semitones (drums stay); the caller checks the range."""
+        shift = np.repeat(np.asarray(semitones, dtype=np.int16), self.lengths)
+        pitch = np.where(self.program == DRUM_PROGRAM, self.pitch, self.pitch + shift).astype(np.int16)
+        return PieceBatch(pitch, *(getattr(self, k) for k in self.NOTE_COLUMNS[1:]), self.offsets,
+                          self.qpm, self.seconds, self.time_signature)
+
+    def pitch_range(self) -> tuple[np.ndarray, np.ndarray]:
+        """(lowest, highest) pitched (non-drum) note of each piece; (128, -1) for a piece without one."""
+        pitched = self.program != DRUM_PROGRAM
+        low = np.where(pitched, self.pitch, 128).astype(np.int16)
+        high = np.where(pitched, self.pitch, -1).astype(np.int16)
+        n = len(self)
+        lo, hi = np.full(n, 128, np.int16), np.full(n, -1, np.int16)
+        nonempty = self.lengths > 0
+        if nonempty.any():
+            starts = self.offsets[:-1][nonempty]
+            lo[nonempty] = np.minimum.reduceat(low, starts)
+            hi[nonempty] = np.maximum.reduceat(high, starts)
+        return lo, hi
+
+    @staticmethod
+    def concat(batches: list["PieceBatch"]) -> "PieceBatch":
+        batches = [b for b in batches if len(b)] or batches[:1]
+        if len(batches) == 1:
+            return batches[0]
+        shift = np.cumsum([0] + [int(b.offsets[-1]) for b in batches[:-1]])
+        offsets = np.concatenate([batches[0].offsets[:1]] + [b.offsets[1:] + s for b, s in zip(batches, shift)])
+        cols = [np.concatenate([getattr(b, k) for b in batches]) for k in PieceBatch.NOTE_COLUMNS]
+        return PieceBatch(*cols, offsets, np.concatenate([b.qpm for b in batches]),
+                          np.concatenate([b.seconds for b in batches]),
+                          np.concatenate([b.time_signature for b in batches]))

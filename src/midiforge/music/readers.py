@@ -8,12 +8,13 @@ is the one tuple of exceptions a loader may raise for a bad file.
 from __future__ import annotations
 
 import re
+import struct
 from dataclasses import dataclass
 
 import numpy as np
 
 from midiforge.errors import PieceError
-from midiforge.music.piece import DRUM_PROGRAM, Piece
+from midiforge.music.piece import DRUM_PROGRAM, Piece, PieceBatch
 
 READ_ERRORS = (PieceError,)
 
@@ -92,27 +93,115 @@ def _midi_payload(data: bytes) -> bytes:
     return data
 
 
-def _seconds(end_tick: int, tempo_ticks: np.ndarray, tempo_mspq: np.ndarray, tpq: int) -> float:
-    """Seconds at ``end_tick`` under a tempo map (microseconds per quarter from each tick on)."""
-    if len(tempo_ticks) < 7:  # the usual map, one or a few tempos: plain Python, the same sum as NumPy's
-        ticks, mspq = [int(x) for x in tempo_ticks], [float(x) for x in tempo_mspq]
-        if not ticks or ticks[0] > 0:
-            ticks, mspq = [0] + ticks, [500_000.0] + mspq
-        kept = [(t, m) for t, m in zip(ticks, mspq) if t < end_tick]
-        total = 0.0
-        for (t, m), (t_next, _) in zip(kept, kept[1:] + [(end_tick, 0.0)]):
-            total += (t_next - t) * m
-        return total / tpq / 1e6
-    if len(tempo_ticks) == 0 or tempo_ticks[0] > 0:
-        tempo_ticks = np.concatenate(([0], tempo_ticks))
-        tempo_mspq = np.concatenate(([500_000], tempo_mspq))
-    keep = tempo_ticks < end_tick
-    t, m = tempo_ticks[keep], tempo_mspq[keep]
-    spans = np.diff(np.concatenate((t, [end_tick])))
-    return float((spans * m).sum() / tpq / 1e6)
+def _seconds(end_tick: int, tempos: list, tpq: int) -> float:
+    """Seconds at ``end_tick`` under a tempo map: (tick, microseconds per quarter from that tick on)."""
+    if not tempos or tempos[0][0] > 0:
+        tempos = [(0, 500_000)] + list(tempos)
+    kept = [(t, m) for t, m in tempos if t < end_tick] or [(0, tempos[0][1])]
+    total = 0.0
+    for (t, m), (t_next, _) in zip(kept, kept[1:] + [(end_tick, 0)]):
+        total += (t_next - t) * float(m)
+    return total / tpq / 1e6
 
 
-def read_midi_symusic(data: bytes, options: ReadOptions = ReadOptions()) -> Piece:
+# symusic's own serialization of a Score (its pickle state, zpp_bits format) is a flat buffer:
+# reading notes out of it with one np.frombuffer per batch costs far less than symusic's
+# per-track ``.numpy()`` (which builds four arrays a track).  The layout, for symusic 0.6:
+#   Score: i32 ticks_per_quarter, tracks, time_signatures, key_signatures, tempos, markers
+#   Track: string name, u8 program, u8 is_drum, notes, controls, pitch_bends, pedals, lyrics
+#   a list is a u32 count then its items; a string a u32 length then its bytes; a text event an
+#   i32 time then a string; Note is 12 bytes (i32 time, i32 duration, i8 pitch, i8 velocity, 2
+#   padding); ControlChange, PitchBend, Pedal, TimeSignature, KeySignature and Tempo are 8 bytes.
+# Every buffer is checked against the Score it came from (tracks, notes, size); a buffer that does
+# not fit (another symusic version) is read through ``.numpy()`` instead: slower, same result.
+NOTE_DTYPE = np.dtype([("time", "<i4"), ("duration", "<i4"), ("pitch", "i1"), ("velocity", "i1"), ("pad", "V2")])
+_U32 = struct.Struct("<I")
+_TRACK_HEAD = struct.Struct("<BBI")  # program, is_drum, note count
+_TICK_PAIR = struct.Struct("<ii")    # Tempo: time, mspq; TimeSignature: time, num|den|pad as i32
+
+
+class _Layout(Exception):
+    """A symusic state buffer that does not have the expected layout."""
+
+
+def _skip_texts(buf: bytes, pos: int) -> int:
+    (count,) = _U32.unpack_from(buf, pos)
+    pos += 4
+    for _ in range(count):
+        (length,) = _U32.unpack_from(buf, pos + 4)
+        pos += 8 + length
+    return pos
+
+
+def _state_layout(buf: bytes):
+    """(tpq, [(program, is_drum, notes_at, notes_count)], tempos_at, tempos_count, ts_at, ts_count)."""
+    try:
+        tpq, n_tracks = struct.unpack_from("<iI", buf, 0)
+        pos = 8
+        tracks = []
+        for _ in range(n_tracks):
+            (name,) = _U32.unpack_from(buf, pos)
+            program, drum, count = _TRACK_HEAD.unpack_from(buf, pos + 4 + name)
+            pos += 10 + name
+            tracks.append((program, drum, pos, count))
+            pos += 12 * count
+            for _ in range(3):  # controls, pitch bends, pedals
+                (count,) = _U32.unpack_from(buf, pos)
+                pos += 4 + 8 * count
+            pos = _skip_texts(buf, pos)  # lyrics
+        (ts_count,) = _U32.unpack_from(buf, pos)
+        ts_at = pos + 4
+        pos = ts_at + 8 * ts_count
+        (count,) = _U32.unpack_from(buf, pos)  # key signatures
+        pos += 4 + 8 * count
+        (tempo_count,) = _U32.unpack_from(buf, pos)
+        tempo_at = pos + 4
+        pos = _skip_texts(buf, tempo_at + 8 * tempo_count)  # markers
+    except struct.error:
+        raise _Layout from None
+    if pos != len(buf):
+        raise _Layout
+    return tpq, tracks, tempo_at, tempo_count, ts_at, ts_count
+
+
+@dataclass
+class _File:
+    """One parsed MIDI file, before the batch's columns are built."""
+
+    tpq: int
+    chunks: list      # note bytes (NOTE_DTYPE rows) of each track kept
+    counts: list      # notes of each chunk
+    programs: list    # program (DRUM_PROGRAM for drums) of each chunk
+    tracks: list      # track index of each chunk
+    tempos: list      # [(tick, microseconds per quarter)]
+    time_signature: tuple
+
+
+def _keep_tracks(heads, options: ReadOptions):
+    """(program, index, count) of the tracks read, by ``options.tracks``; raises too_long/no_notes."""
+    kept, total, first_program = [], 0, None
+    for index, (program, drum, count) in enumerate(heads):
+        if count == 0:
+            continue
+        program = DRUM_PROGRAM if drum else program
+        if options.tracks == "first":
+            # music21's partitionByInstrument()[0]: every note of the first instrument, across tracks
+            if drum:
+                continue
+            if first_program is None:
+                first_program = program
+            elif program != first_program:
+                continue
+        total += count
+        if total > options.max_notes:
+            raise PieceError("too_long", f"more than {options.max_notes} notes")
+        kept.append((program, index, count))
+    if total == 0:
+        raise PieceError("no_notes", f"{len(heads)} tracks, no notes")
+    return kept
+
+
+def _parse_midi(data: bytes, options: ReadOptions) -> _File:
     import symusic
 
     if len(data) > options.max_bytes:
@@ -125,59 +214,97 @@ def read_midi_symusic(data: bytes, options: ReadOptions = ReadOptions()) -> Piec
     tpq = int(score.ticks_per_quarter)
     if tpq <= 0:
         raise PieceError("unsupported", f"ticks per quarter = {tpq}")
-    found: list[tuple[dict, int, int]] = []  # (note arrays, program, track index) of each track kept
-    first_program = None
-    total = 0
-    for index, track in enumerate(score.tracks):
-        notes = track.notes
-        n = len(notes)
-        if n == 0:
-            continue
-        program = DRUM_PROGRAM if track.is_drum else int(track.program)
-        if options.tracks == "first":
-            # music21's partitionByInstrument()[0]: every note of the first instrument, across tracks
-            if track.is_drum:
-                continue
-            if first_program is None:
-                first_program = program
-            elif program != first_program:
-                continue
-        total += n
-        if total > options.max_notes:
-            raise PieceError("too_long", f"more than {options.max_notes} notes")
-        found.append((notes.numpy(), program, index))
-    if total == 0:
-        raise PieceError("no_notes", f"{len(score.tracks)} tracks, no notes")
+    buf = score.__getstate__()
+    try:
+        tpq_, heads, tempo_at, tempo_count, ts_at, ts_count = _state_layout(buf)
+        if tpq_ != tpq or len(heads) != len(score.tracks) or sum(h[3] for h in heads) != score.note_num():
+            raise _Layout
+    except _Layout:
+        return _parse_midi_numpy(score, tpq, options)
+    kept = _keep_tracks([(p, d, c) for p, d, _, c in heads], options)
+    view = memoryview(buf)
+    chunks = [view[heads[i][2]: heads[i][2] + 12 * c] for _, i, c in kept]
+    tempos = list(struct.iter_unpack("<ii", buf[tempo_at: tempo_at + 8 * tempo_count]))
+    ts = (4, 4)
+    if ts_count and buf[ts_at + 4] > 0 and buf[ts_at + 5] > 0:
+        ts = (buf[ts_at + 4], buf[ts_at + 5])
+    return _File(tpq, chunks, [c for *_, c in kept], [p for p, _, _ in kept], [i for _, i, _ in kept], tempos, ts)
 
-    if len(found) == 1:  # the common case: no concatenation
-        arrays, program, index = found[0]
-        time, dur, pitch, vel = arrays["time"], arrays["duration"], arrays["pitch"], arrays["velocity"]
-        prog = np.full(total, program, dtype=np.int16)
-        trk = np.full(total, index, dtype=np.int16)
-    else:
-        time, dur, pitch, vel = (np.concatenate([f[0][k] for f in found]) for k in ("time", "duration", "pitch", "velocity"))
-        counts = [len(f[0]["time"]) for f in found]
-        prog = np.repeat(np.array([f[1] for f in found], dtype=np.int16), counts)
-        trk = np.repeat(np.array([f[2] for f in found], dtype=np.int16), counts)
-    end_tick = int((time.astype(np.int64) + dur).max())
-    if end_tick / tpq > options.max_quarters:
-        raise PieceError("too_long", f"{end_tick / tpq:.0f} quarters > max {options.max_quarters:.0f}")
-    tempos = score.tempos
-    if len(tempos):
-        tarr = tempos.numpy()
-        t_ticks, t_mspq = tarr["time"], tarr["mspq"]
-        qpm = 6e7 / float(t_mspq[0])
-    else:
-        t_ticks, t_mspq, qpm = (), (), 120.0
+
+def _parse_midi_numpy(score, tpq: int, options: ReadOptions) -> _File:
+    """The same as :func:`_parse_midi`, through symusic's public ``.numpy()`` per track."""
+    tracks = list(score.tracks)
+    kept = _keep_tracks([(int(t.program), bool(t.is_drum), len(t.notes)) for t in tracks], options)
+    chunks = []
+    for _, index, count in kept:
+        arrays = tracks[index].notes.numpy()
+        rows = np.zeros(count, NOTE_DTYPE)
+        for k in ("time", "duration", "pitch", "velocity"):
+            rows[k] = arrays[k]
+        chunks.append(rows.tobytes())
+    tempos = []
+    if len(score.tempos):
+        t = score.tempos.numpy()
+        tempos = list(zip(t["time"].tolist(), t["mspq"].tolist()))
     ts = (4, 4)
     if len(score.time_signatures):
         first = score.time_signatures[0]
         if first.numerator > 0 and first.denominator > 0:
             ts = (int(first.numerator), int(first.denominator))
-    scale = 1.0 / tpq
-    # the file's note order: tokenizers sort what they need (a sort here would be paid twice)
-    return Piece(pitch, time * scale, dur * scale, vel, prog, float(qpm), ts,
-                 _seconds(end_tick, t_ticks, t_mspq, tpq), {}, trk)
+    return _File(tpq, chunks, [c for *_, c in kept], [p for p, _, _ in kept], [i for _, i, _ in kept], tempos, ts)
+
+
+def read_midi_batch(datas: list[bytes], options: ReadOptions = ReadOptions()) -> tuple[PieceBatch, list]:
+    """Many MIDI files through symusic at once: (the pieces read, in input order; for each input
+    its :class:`PieceError`, or None if it is in the batch).
+
+    A piece's notes are in the file's order (track by track): tokenizers sort what they need.
+    """
+    files: list[_File] = []
+    errors: list = []
+    for data in datas:
+        try:
+            files.append(_parse_midi(data, options))
+            errors.append(None)
+        except PieceError as exc:
+            errors.append(exc)
+        except Exception as exc:  # a bug for one file: its failure, not the batch's
+            errors.append(PieceError("parser_error", f"{type(exc).__name__}: {exc}"))
+    n = len(files)
+    counts = np.fromiter((c for f in files for c in f.counts), dtype=np.int64)
+    rows = np.frombuffer(b"".join([c for f in files for c in f.chunks]), NOTE_DTYPE)
+    program = np.repeat(np.fromiter((p for f in files for p in f.programs), dtype=np.int16, count=len(counts)), counts)
+    track = np.repeat(np.fromiter((t for f in files for t in f.tracks), dtype=np.int16, count=len(counts)), counts)
+    lengths = np.fromiter((sum(f.counts) for f in files), dtype=np.int64, count=n)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    tpq = np.fromiter((f.tpq for f in files), dtype=np.int64, count=n)
+    time = rows["time"].astype(np.int64)
+    dur = rows["duration"].astype(np.int64)
+    end_tick = np.maximum.reduceat(time + dur, offsets[:-1]) if n else np.zeros(0, np.int64)
+    scale = np.repeat(1.0 / tpq, lengths)
+    batch = PieceBatch(
+        rows["pitch"].astype(np.int16), time * scale, dur * scale, rows["velocity"].astype(np.int16), program,
+        track, offsets,
+        np.array([6e7 / f.tempos[0][1] if f.tempos and f.tempos[0][1] > 0 else 120.0 for f in files], dtype=np.float64),
+        np.array([_seconds(int(e), f.tempos, f.tpq) for e, f in zip(end_tick.tolist(), files)], dtype=np.float64),
+        np.array([f.time_signature for f in files], dtype=np.int64).reshape(n, 2))
+    quarters = end_tick / tpq
+    too_long = np.flatnonzero(quarters > options.max_quarters)
+    if len(too_long):  # rare: drop those pieces, record why
+        where = [i for i, e in enumerate(errors) if e is None]
+        for j in too_long.tolist():
+            errors[where[j]] = PieceError("too_long", f"{quarters[j]:.0f} quarters > max {options.max_quarters:.0f}")
+        batch = batch.take(np.setdiff1d(np.arange(n), too_long))
+    return batch, errors
+
+
+def read_midi_symusic(data: bytes, options: ReadOptions = ReadOptions()) -> Piece:
+    """One MIDI file through symusic (see :func:`read_midi_batch`)."""
+    batch, errors = read_midi_batch([data], options)
+    if errors[0] is not None:
+        raise errors[0]
+    return batch.piece(0)
 
 
 # ------------------------------------------------------------------------------------------
@@ -298,3 +425,51 @@ def read_piece(source: str, data: bytes, options: ReadOptions = ReadOptions()) -
     if fmt == "midi" and options.parser == "symusic":
         return read_midi_symusic(data, options)
     return read_music21(data, fmt, options)
+
+
+def read_pieces(units: list[tuple[str, bytes]], options: ReadOptions = ReadOptions()) -> tuple[PieceBatch, list]:
+    """Many input units (``(source, bytes)``) at once: (the pieces read, in input order; for each
+    unit its :class:`PieceError`, or None if it is in the batch).
+
+    MIDI files on the symusic path are read as one batch (:func:`read_midi_batch`); the others
+    one by one (:func:`read_piece`).  An unexpected exception of a parser on one unit becomes that
+    unit's ``parser_error``: nothing raised for one unit stops the others.
+    """
+    fast = [i for i, (src, _) in enumerate(units) if options.parser == "symusic"
+            and file_format(src.split("#", 1)[0]) == "midi" and units[i][1]]
+    errors: list = [None] * len(units)
+    batch, fast_errors = _guarded(read_midi_batch, [units[i][1] for i in fast], options)
+    for i, e in zip(fast, fast_errors):
+        errors[i] = e
+    if len(fast) == len(units):
+        return batch, errors
+    order = [i for i, e in zip(fast, fast_errors) if e is None]  # unit of each piece, batch first
+    slow: list[Piece] = []
+    for i in sorted(set(range(len(units))) - set(fast)):
+        try:
+            slow.append(read_piece(*units[i], options))
+            order.append(i)
+        except PieceError as exc:
+            errors[i] = exc
+        except Exception as exc:  # a parser bug on one unit: its failure, not the batch's
+            errors[i] = PieceError("parser_error", f"{type(exc).__name__}: {exc}")
+    batch = PieceBatch.concat([batch, PieceBatch.from_pieces(slow)])
+    return batch.take(np.argsort(order, kind="stable")), errors
+
+
+def _guarded(read_batch, datas: list[bytes], options: ReadOptions):
+    """``read_batch(datas)``; if it raises anything but for one file, each file alone, so that the
+    exception is the failure of the file that caused it."""
+    try:
+        return read_batch(datas, options)
+    except Exception:
+        pieces, errors = [], []
+        for data in datas:
+            try:
+                b, (e,) = read_batch([data], options)
+            except Exception as exc:
+                b, e = None, PieceError("parser_error", f"{type(exc).__name__}: {exc}")
+            errors.append(e)
+            if e is None:
+                pieces.append(b)
+        return PieceBatch.concat(pieces or [PieceBatch.from_pieces([])]), errors

@@ -95,7 +95,7 @@ def open_store(uri: str, options: StorageOptions | None = None) -> Store:
 def check_rel(rel: str) -> str:
     """A store-relative key: '/'-separated, no leading '/', never leaving the store."""
     rel = str(rel).replace("\\", "/").lstrip("/")
-    if any(part in ("..",) for part in rel.split("/")):
+    if ".." in rel and ".." in rel.split("/"):
         raise MidiforgeError(f"{rel}: path leaves the store")
     return rel
 
@@ -148,8 +148,10 @@ class LocalStore(VerifiedReads):
         return str(self.path(rel))
 
     def read_bytes(self, rel: str) -> bytes:
+        # plain strings, not pathlib: this is the preprocess stage's per-file read
         try:
-            return self.path(rel).read_bytes()
+            with open(os.path.join(self.uri, check_rel(rel)), "rb") as fh:
+                return fh.read()
         except FileNotFoundError:
             raise MidiforgeError(f"{self.url(rel)}: no such file") from None
 
