@@ -19,7 +19,8 @@ import numpy as np
 import pyarrow as pa
 
 from midiforge.errors import MidiforgeError
-from midiforge.music.readers import READ_ERRORS, SUFFIXES, ReadOptions, read_piece, split_units
+from midiforge.music.piece import PieceBatch
+from midiforge.music.readers import SUFFIXES, ReadOptions, read_pieces, split_units
 from midiforge.music.tokenizers import ClassicTokenizer, EventsConfig, make_tokenizer
 from midiforge.storage import StorageOptions, StorageUnavailableError, file_entry, open_store, read_manifest, split_uri, write_manifest
 from midiforge.pipeline.ray_runtime import start_ray
@@ -125,21 +126,24 @@ def _piece_table_path(part: int, classic: bool) -> str:
 
 def process_batch(part: int, inputs: list[InputRef], dest_uri: str, storage: StorageOptions,
                   settings: PreprocessSettings) -> dict:
-    """Read, parse and tokenize ``inputs``; write their rows and their journal; return a summary."""
+    """Read, parse and tokenize ``inputs``; write their rows and their journal; return a summary.
+
+    Three passes over the batch: the bytes of every unit (and its sha256, so that an identical copy
+    in the batch is read once); every unit parsed at once (:func:`read_pieces`); every row (a piece,
+    and its transpositions in the train split) tokenized at once.
+    """
     started = time.perf_counter()
     dest = open_store(dest_uri, storage)
     tok = settings.make_tokenizer()
     classic = isinstance(tok, ClassicTokenizer)
     stores: dict[str, object] = {}
-    journal: dict[str, list] = {k: [] for k in JOURNAL_SCHEMA.names}
-    rows: dict[str, list] = {k: [] for k in ("piece_id", "source", "split", "transpose", "tokens",
-                                              "n_tokens", "n_notes", "seconds", "qpm")}
-    outcome_of: dict[str, tuple[str, str, str]] = {}  # piece_id -> outcome of its first copy here
-
-    def record(inp, src, pid, status, reason="", detail=""):
-        for k, v in zip(JOURNAL_SCHEMA.names, (inp, src, pid, status, reason, detail[:2000])):
-            journal[k].append(v)
-
+    # the journal, in input order: (input, source, piece_id, status, reason, detail); a unit to read
+    # is entered with status None and gets its outcome after the parse
+    entries: list[list] = []
+    units: list[tuple[str, bytes]] = []   # the distinct units to read
+    unit_entry: list[int] = []            # the journal entry of each
+    unit_of: dict[str, int] = {}          # piece_id -> its unit
+    copies: list[tuple[int, int]] = []    # (journal entry, unit) of identical copies in this batch
     for ref in inputs:
         try:
             store = stores.get(ref.root) or stores.setdefault(ref.root, open_store(ref.root, storage))
@@ -147,77 +151,96 @@ def process_batch(part: int, inputs: list[InputRef], dest_uri: str, storage: Sto
         except StorageUnavailableError:  # the service is down (after retries): the task fails, no file is blamed
             raise
         except Exception as exc:  # any storage failure: recorded as read_error, the job goes on
-            record(ref.source, ref.source, "", "failure", "read_error", f"{type(exc).__name__}: {exc}")
+            entries.append([ref.source, ref.source, "", "failure", "read_error", f"{type(exc).__name__}: {exc}"])
             continue
         for src, unit in split_units(ref.source, data):
             if not unit:
-                record(ref.source, src, "", "failure", "empty", "0 bytes")
+                entries.append([ref.source, src, "", "failure", "empty", "0 bytes"])
                 continue
             pid = hashlib.sha256(unit).hexdigest()
-            if pid in outcome_of:  # an identical copy earlier in this batch
-                status, reason, detail = outcome_of[pid]
-                if status == "piece":
-                    record(ref.source, src, pid, "duplicate", "", "")
-                else:
-                    record(ref.source, src, pid, status, reason, detail)
-                continue
-            try:
-                piece = read_piece(src, unit, settings.read)
-                split = split_of(pid, settings.splits)
-                shifts = [0] + ([k for k in settings.transpose if k != 0] if split == "train" else [])
-                encoded = []
-                for k in shifts:
-                    moved = piece.transpose(k)
-                    if moved is not None:
-                        # events: the piece now, its ids for the whole batch at once below (_encode_rows)
-                        encoded.append((k, tok.encode_text(moved) if classic else moved))
-            except READ_ERRORS as exc:
-                outcome_of[pid] = ("failure", exc.reason, exc.detail)
-                record(ref.source, src, pid, "failure", exc.reason, exc.detail)
-                continue
-            except Exception as exc:  # a parser bug on one file must not stop the job: recorded with its reason
-                outcome_of[pid] = ("failure", "parser_error", f"{type(exc).__name__}: {exc}")
-                record(ref.source, src, pid, *outcome_of[pid])
-                continue
-            outcome_of[pid] = ("piece", "", "")
-            record(ref.source, src, pid, "piece")
-            for k, toks in encoded:
-                rows["piece_id"].append(pid)
-                rows["source"].append(src)
-                rows["split"].append(split)
-                rows["transpose"].append(k)
-                rows["tokens"].append(toks)
-                rows["n_tokens"].append(len(toks) + (2 if classic else 0))
-                rows["n_notes"].append(len(piece))
-                rows["seconds"].append(piece.seconds)
-                rows["qpm"].append(piece.qpm)
+            entries.append([ref.source, src, pid, None, "", ""])
+            if pid in unit_of:
+                copies.append((len(entries) - 1, unit_of[pid]))
+            else:
+                unit_of[pid] = len(units)
+                units.append((src, unit))
+                unit_entry.append(len(entries) - 1)
 
-    if not classic:
-        _encode_rows(tok, rows, journal)
+    batch, errors = read_pieces(units, settings.read)
+    good = [u for u, e in enumerate(errors) if e is None]  # the unit of each piece of the batch
+    for u, e in enumerate(errors):
+        if e is not None:
+            entries[unit_entry[u]][3:] = ["failure", e.reason, e.detail]
+    rows, row_batch = _rows(batch, [entries[unit_entry[u]][2] for u in good], [units[u][0] for u in good], settings)
+    if classic:
+        tokens, bad = _classic_texts(tok, row_batch, rows["piece_id"])
+    else:
+        tokens, bad = _encode_rows(tok, row_batch, rows["piece_id"])
+    for u in good:
+        e = entries[unit_entry[u]]
+        e[3:] = ["failure", "parser_error", bad[e[2]]] if e[2] in bad else ["piece", "", ""]
+    for entry, u in copies:
+        first = entries[unit_entry[u]]
+        entries[entry][3:] = ["duplicate", "", ""] if first[3] == "piece" else first[3:]
+    if bad:
+        keep = [pid not in bad for pid in rows["piece_id"]]
+        rows = {k: [v for v, ok in zip(col, keep) if ok] for k, col in rows.items()}
+        tokens = tokens.filter(pa.array(keep)) if not classic else [t for t, ok in zip(tokens, keep) if ok]
+
     piece_table = None
-    if rows["piece_id"]:
+    n_rows = len(rows["piece_id"])
+    n_tokens = tokens.value_lengths().to_numpy() + 0 if not classic else \
+        np.array([len(t) + 2 for t in tokens], dtype=np.int64)
+    if n_rows:
         cols = {k: pa.array(rows[k]) for k in ("piece_id", "source", "split")}
         cols["transpose"] = pa.array(rows["transpose"], pa.int8())
-        if classic:
-            cols["tokens_text"] = pa.array(rows["tokens"], pa.list_(pa.string()))
-        else:
-            cols["tokens"] = int_lists(rows["tokens"])
-        cols["n_tokens"] = pa.array(rows["n_tokens"], pa.int32())
+        cols["tokens_text" if classic else "tokens"] = pa.array(tokens, pa.list_(pa.string())) if classic else tokens
+        cols["n_tokens"] = pa.array(n_tokens, pa.int32())
         cols["n_notes"] = pa.array(rows["n_notes"], pa.int32())
         cols["seconds"] = pa.array(rows["seconds"], pa.float64())
         cols["qpm"] = pa.array(rows["qpm"], pa.float64())
-        cols["tokenizer"] = pa.array([tok.id] * len(rows["piece_id"]))
+        cols["tokenizer"] = pa.array([tok.id] * n_rows)
         piece_table = write_table(dest, _piece_table_path(part, classic), pa.table(cols))
-        piece_table["stats"] = _table_stats(rows["split"], rows["transpose"], rows["qpm"], rows["n_tokens"])
+        piece_table["stats"] = _table_stats(rows["split"], rows["transpose"], rows["qpm"], n_tokens.tolist())
     # the journal is written last: its presence says the batch is complete
+    journal = {k: [e[i] for e in entries] for i, k in enumerate(JOURNAL_SCHEMA.names)}
+    journal["detail"] = [d[:2000] for d in journal["detail"]]
     write_table(dest, f"{WORK}/part-{part:05d}.parquet", pa.table(journal, schema=JOURNAL_SCHEMA))
     status = journal["status"]
     return {
         "part": part, "files": len(inputs), "units": len(status),
         "pieces": status.count("piece"), "duplicates": status.count("duplicate"),
-        "failures": status.count("failure"), "tokens": int(sum(rows["n_tokens"])),
+        "failures": status.count("failure"), "tokens": int(n_tokens.sum()),
         "table": piece_table, "seconds": time.perf_counter() - started,
     }
+
+
+def _rows(batch: PieceBatch, pids: list[str], sources: list[str],
+          settings: PreprocessSettings) -> tuple[dict, PieceBatch]:
+    """The shard's rows of the pieces of ``batch``: each piece, then its transpositions if it is in
+    the train split (those that keep every pitch in 0..127); and the batch of their notes."""
+    split = [split_of(pid, settings.splits) for pid in pids]
+    lengths = batch.lengths.tolist()
+    shifts = [k for k in settings.transpose if k != 0]
+    if not shifts:
+        which, moves = range(len(pids)), [0] * len(pids)
+        row_batch = batch
+    else:
+        low, high = batch.pitch_range()
+        which, moves = [], []
+        for i, sp in enumerate(split):
+            which.append(i)
+            moves.append(0)
+            if sp == "train":
+                for k in shifts:
+                    if low[i] + k >= 0 and high[i] + k <= 127:
+                        which.append(i)
+                        moves.append(k)
+        row_batch = batch.take(which).transposed(np.array(moves))
+    rows = {"piece_id": [pids[i] for i in which], "source": [sources[i] for i in which], "split": [split[i] for i in which], "transpose": list(moves),
+            "n_notes": [lengths[i] for i in which], "seconds": batch.seconds[list(which)].tolist(),
+            "qpm": batch.qpm[list(which)].tolist()}
+    return rows, row_batch
 
 
 def _table_stats(split, transpose, qpm, n_tokens) -> dict:
@@ -230,33 +253,38 @@ def _table_stats(split, transpose, qpm, n_tokens) -> dict:
             "qpm": [float(qpm[i]) for i in originals]}
 
 
-def _encode_rows(tok, rows: dict[str, list], journal: dict[str, list]) -> None:
-    """Replace the pieces in ``rows["tokens"]`` by their ids, all in one ``encode_many`` call.
+def _encode_rows(tok, batch: PieceBatch, pids: list[str]) -> tuple[pa.ListArray, dict[str, str]]:
+    """The ids of every row, all in one ``encode_batch`` call, as a list<int32> column; and the
+    pieces that could not be encoded ({piece_id: reason}).
 
-    If that fails, the pieces are encoded one by one, and a piece that cannot be encoded ends
-    as it would have in the loop: a parser_error failure (with its in-batch duplicates), no rows.
+    If the batch fails, the rows are encoded one by one, so that only the piece that cannot be
+    encoded fails (a parser_error, with its in-batch duplicates); the others keep their rows.
     """
     bad: dict[str, str] = {}
     try:
-        ids = tok.encode_many(rows["tokens"])
+        ids, offsets = tok.encode_batch(batch)
     except Exception:  # some piece cannot be encoded: find which, one by one
-        ids = []
-        for pid, piece in zip(rows["piece_id"], rows["tokens"]):
+        parts = []
+        for i, pid in enumerate(pids):
             try:
-                ids.append(tok.encode(piece))
-            except Exception as exc:  # recorded in the journal below, with its reason
+                parts.append(tok.encode(batch.piece(i)))
+            except Exception as exc:  # recorded in the journal by the caller, with its reason
                 bad.setdefault(pid, f"{type(exc).__name__}: {exc}")
-                ids.append(None)
-    rows["tokens"] = ids
-    rows["n_tokens"] = [0 if x is None else len(x) for x in ids]
-    if bad:
-        keep = [pid not in bad for pid in rows["piece_id"]]
-        for k in rows:
-            rows[k] = [v for v, ok in zip(rows[k], keep) if ok]
-        for i, (pid, status) in enumerate(zip(journal["piece_id"], journal["status"])):
-            if pid in bad and status in ("piece", "duplicate"):
-                journal["status"][i], journal["reason"][i] = "failure", "parser_error"
-                journal["detail"][i] = bad[pid][:2000]
+                parts.append(np.zeros(0, np.int32))
+        return int_lists(parts), bad
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(ids)), bad
+
+
+def _classic_texts(tok, batch: PieceBatch, pids: list[str]) -> tuple[list[list[str]], dict[str, str]]:
+    """The classic tokens (text) of every row, and the pieces that could not be encoded."""
+    texts, bad = [], {}
+    for i, pid in enumerate(pids):
+        try:
+            texts.append(tok.encode_text(batch.piece(i)))
+        except Exception as exc:  # recorded in the journal by the caller, with its reason
+            bad.setdefault(pid, f"{type(exc).__name__}: {exc}")
+            texts.append([])
+    return texts, bad
 
 
 # -------------------------------------------------------------------------------------------
@@ -340,16 +368,22 @@ def run_preprocess(src: str, dest_uri: str, settings: PreprocessSettings, *, res
         size = batch_files or _batch_size(len(todo), workers)
         batches = [todo[i:i + size] for i in range(0, len(todo), size)]
         first = max(journals) + 1 if journals else 0
-        task = _batch_task()
+        task, in_flight = _batch_task(), workers * 2
+        # Ray itself caps the tasks running at once by the CPUs they hold, so a second task per worker can
+        # wait queued, ready to start the moment a batch ends.  With every CPU in use a task holds one; with
+        # fewer workers than CPUs on one node, a task holds cpus/workers of them (so no more than `workers`
+        # run); on several nodes, only `workers` tasks may be out at once (a gap between batches)
+        if workers < cpus:
+            if len([n for n in ray.nodes() if n.get("Alive")]) == 1:
+                task = task.options(num_cpus=cpus / workers)
+            else:
+                in_flight = workers
         pending, results = [], []
         bar = _progress(len(refs), len(refs) - len(todo), progress)
         failures = 0
         queue = list(enumerate(batches, start=first))
         while queue or pending:
-            # each task holds one CPU, so with every CPU in use Ray itself caps the tasks running at once and
-            # a second task per worker waits queued (no gap between batches); with fewer workers than CPUs,
-            # only `workers` tasks may be out, or they would run on the idle CPUs too
-            while queue and len(pending) < (workers * 2 if workers >= cpus else workers):
+            while queue and len(pending) < in_flight:
                 part, batch = queue.pop(0)
                 pending.append(task.remote(part, batch, dest.uri, storage, settings))
             ready, pending = ray.wait(pending, num_returns=1)
