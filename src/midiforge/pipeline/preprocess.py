@@ -134,7 +134,7 @@ def process_batch(part: int, inputs: list[InputRef], dest_uri: str, storage: Sto
     """
     started = time.perf_counter()
     dest = open_store(dest_uri, storage)
-    tok = settings.make_tokenizer()
+    tok = _tokenizer(settings.tokenizer, json.dumps(settings.tokenizer_settings, sort_keys=True))
     classic = isinstance(tok, ClassicTokenizer)
     stores: dict[str, object] = {}
     # the journal, in input order: (input, source, piece_id, status, reason, detail); a unit to read
@@ -205,14 +205,21 @@ def process_batch(part: int, inputs: list[InputRef], dest_uri: str, storage: Sto
     # the journal is written last: its presence says the batch is complete
     journal = {k: [e[i] for e in entries] for i, k in enumerate(JOURNAL_SCHEMA.names)}
     journal["detail"] = [d[:2000] for d in journal["detail"]]
-    write_table(dest, f"{WORK}/part-{part:05d}.parquet", pa.table(journal, schema=JOURNAL_SCHEMA))
+    journal_table = pa.table(journal, schema=JOURNAL_SCHEMA)
+    write_table(dest, f"{WORK}/part-{part:05d}.parquet", journal_table)
     status = journal["status"]
     return {
         "part": part, "files": len(inputs), "units": len(status),
         "pieces": status.count("piece"), "duplicates": status.count("duplicate"),
         "failures": status.count("failure"), "tokens": int(n_tokens.sum()),
-        "table": piece_table, "seconds": time.perf_counter() - started,
+        "table": piece_table, "journal": journal_table, "seconds": time.perf_counter() - started,
     }
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer(kind: str, settings_json: str):
+    """The tokenizer of a batch, made once per worker process (tokenizers are never changed in place)."""
+    return make_tokenizer(kind, **json.loads(settings_json))
 
 
 def _rows(batch: PieceBatch, pids: list[str], sources: list[str],
@@ -305,7 +312,19 @@ def _batch_task():
     cluster the first time it runs in a job (~30 ms here), not on every run_preprocess call."""
     import ray
 
-    return ray.remote(num_cpus=1, max_retries=2)(process_batch)
+    return ray.remote(num_cpus=1, max_retries=2)(_process_packed)
+
+
+def _pack(inputs: list[InputRef]) -> tuple[list[str], list[tuple[str, int, str]]]:
+    """A batch's inputs as plain strings and tuples (a list of dataclasses costs ~20 us each to pickle)."""
+    roots: dict[str, int] = {}
+    rows = [(r.source, roots.setdefault(r.root, len(roots)), r.key) for r in inputs]
+    return list(roots), rows
+
+
+def _process_packed(part: int, packed, dest_uri: str, storage: StorageOptions, settings: PreprocessSettings) -> dict:
+    roots, rows = packed
+    return process_batch(part, [InputRef(src, roots[i], key) for src, i, key in rows], dest_uri, storage, settings)
 
 
 def _journal_parts(dest) -> dict[int, str]:
@@ -385,7 +404,7 @@ def run_preprocess(src: str, dest_uri: str, settings: PreprocessSettings, *, res
         while queue or pending:
             while queue and len(pending) < in_flight:
                 part, batch = queue.pop(0)
-                pending.append(task.remote(part, batch, dest.uri, storage, settings))
+                pending.append(task.remote(part, _pack(batch), dest.uri, storage, settings))
             ready, pending = ray.wait(pending, num_returns=1)
             try:
                 res = ray.get(ready[0])
@@ -401,9 +420,10 @@ def run_preprocess(src: str, dest_uri: str, settings: PreprocessSettings, *, res
             bar.set_postfix(failures=failures, refresh=False)
         bar.close()
         known = {r["part"]: r["table"] for r in results if r["table"] is not None}
+        known_journals = {r["part"]: r["journal"] for r in results}
     else:
-        known = {}
-    return finalize(dest, settings, src_count=len(refs), started=started, known=known)
+        known, known_journals = {}, {}
+    return finalize(dest, settings, src_count=len(refs), started=started, known=known, known_journals=known_journals)
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -414,18 +434,20 @@ def _progress(total: int, initial: int, enabled: bool):
 
 
 def finalize(dest, settings: PreprocessSettings, *, src_count: int, started: float,
-             known: dict[int, dict] | None = None) -> dict:
+             known: dict[int, dict] | None = None, known_journals: dict[int, pa.Table] | None = None) -> dict:
     """Resolve duplicates across batches, build the classic vocabulary, write the outputs and the manifest.
 
     ``known`` maps a part to what its task reported of the shard it wrote ({path, rows, bytes, sha256,
-    stats}); parts not in it, or rewritten here, are read back once.
+    stats}), ``known_journals`` to the journal it wrote; parts not in them, or rewritten here, are read
+    back once.
     """
     known = dict(known or {})
+    known_journals = known_journals or {}
     dest.delete("manifest.json")  # whatever happens below, no manifest may name an object being rewritten
     tok = settings.make_tokenizer()
     classic = isinstance(tok, ClassicTokenizer)
     journals = _journal_parts(dest)
-    tables = {p: read_table(dest, rel) for p, rel in journals.items()}
+    tables = {p: known_journals[p] if p in known_journals else read_table(dest, rel) for p, rel in journals.items()}
     # duplicates across batches: the copy with the smallest source is the piece, wherever it was read
     keeper: dict[str, tuple[str, int]] = {}
     for part, t in sorted(tables.items()):

@@ -176,8 +176,8 @@ class LocalStore(VerifiedReads):
         base = self.path(prefix) if prefix else self.root
         if base.is_file():
             return [ObjectInfo(check_rel(prefix), base.stat().st_size)]
-        root = str(self.root)
-        out = [ObjectInfo(os.path.relpath(path, root).replace(os.sep, "/"), size) for path, size in _scan(str(base))]
+        cut = len(os.path.join(str(self.root), ""))  # every path below starts with the root and a separator
+        out = [ObjectInfo(path[cut:].replace(os.sep, "/"), size) for path, size in _scan(str(base))]
         return sorted(out, key=lambda o: o.path)
 
     def delete(self, rel: str) -> None:
