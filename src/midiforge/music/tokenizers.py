@@ -15,6 +15,11 @@ import numpy as np
 from midiforge.errors import MidiforgeError
 from midiforge.music.piece import DRUM_PROGRAM, Piece, PieceBatch
 
+try:  # the compiled emission step of EventsTokenizer (optional: the NumPy code does the same, slower)
+    from midiforge.music import _events as _native
+except ImportError:  # not built (no C compiler when installed): the NumPy path
+    _native = None
+
 SPECIALS = ("PAD", "BOS", "EOS", "UNK")
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 FORMAT = "midiforge-tokenizer"
@@ -189,8 +194,8 @@ class EventsTokenizer:
         return self.encode_many([piece])[0]
 
     #: notes per vectorized pass of encode_batch: enough to amortize NumPy's per-call cost, few
-    #: enough that the working columns stay in a core's cache (measured: ~8K beats 100K by ~1.7x)
-    CHUNK_NOTES = 8192
+    #: enough that the working columns stay in a core's cache (measured on the shared corpora: 32K notes ~1.3x faster than 8K or 128K)
+    CHUNK_NOTES = 32768
 
     def encode_many(self, pieces: list[Piece]) -> list[np.ndarray]:
         """``[self.encode(p) for p in pieces]``: :meth:`encode_batch` of them, split per piece."""
@@ -225,7 +230,6 @@ class EventsTokenizer:
     def _encode_chunk(self, batch: PieceBatch) -> tuple[np.ndarray, np.ndarray]:
         n_pieces = len(batch)
         c = self.config
-        M = c.max_shift_steps
         seg = np.repeat(np.arange(n_pieces), batch.lengths)
         program = batch.program
         keep = None if c.drums else program != DRUM_PROGRAM
@@ -240,17 +244,51 @@ class EventsTokenizer:
                                                   column("velocity"), program)
         order = _batch_order(seg, onset, prog, pitch, dur, vel, c.max_duration_steps, c.velocity_bins)
         seg, on, dur, pitch, vel, prog = seg[order], onset[order], dur[order], pitch[order], vel[order], prog[order]
+        head = 1 + (c.tempo_bins > 0)
+        tempo_ids = np.zeros(n_pieces, dtype=np.int64)
+        if head == 2:  # tempo_bin() for every piece at once
+            qpm = np.minimum(np.maximum(batch.qpm, c.tempo_min), c.tempo_max)
+            tempo = np.minimum(np.searchsorted(self._tempo_edges, qpm, side="right") - 1, c.tempo_bins - 1)
+            tempo_ids = (self.tempo_base + tempo).astype(np.int64)
+        steps = None
+        if c.bars:
+            num, den = batch.time_signature[:, 0], batch.time_signature[:, 1]
+            steps = np.maximum(1, np.round(num * 4 * c.steps_per_quarter / np.maximum(den, 1))).astype(np.int64)
+        if _native is not None and self.native:
+            return self._emit_native(seg, on, dur, pitch, vel, prog, n_pieces, head, tempo_ids, steps)
+        return self._emit_numpy(seg, on, dur, pitch, vel, prog, n_pieces, head, tempo_ids, steps)
+
+    #: use the compiled emission (midiforge.music._events) when it is built; False: the NumPy code
+    native = True
+
+    def _emit_native(self, seg, on, dur, pitch, vel, prog, n_pieces, head, tempo_ids, steps):
+        """The same as :meth:`_emit_numpy`, in C: one counting pass, one writing pass."""
+        c = self.config
+        offsets = np.zeros(n_pieces + 1, dtype=np.int64)
+        np.cumsum(np.bincount(seg, minlength=n_pieces), out=offsets[1:])
+        has_ins = bool((self.instrument_ids >= 0).any())
+        rule = (c.max_shift_steps, self.shift_base, self.bar_id, c.velocity_bins, self.velocity_base, self.pitch_base,
+                self.duration_base, int(has_ins), int(c.bars), head)
+        args = (offsets, *(np.ascontiguousarray(a, dtype=np.int64) for a in (on, dur, pitch, vel, prog)),
+                self.instrument_ids, steps if steps is not None else np.zeros(0, np.int64), tempo_ids, rule)
+        per_piece = np.empty(n_pieces, dtype=np.int64)
+        out = np.empty(_native.count(*args, per_piece), dtype=np.int32)
+        _native.emit(*args, out)
+        return out, per_piece
+
+    def _emit_numpy(self, seg, on, dur, pitch, vel, prog, n_pieces, head, tempo_ids, steps):
+        """Token ids of notes in canonical order (``seg``: each note's piece), and each piece's count."""
+        c = self.config
+        M = c.max_shift_steps
         n = len(seg)
         # tokens per note: bars, chained time shifts, instrument/velocity changes, pitch, duration;
         # a piece's first note starts from a fresh state (time 0, no instrument, no velocity)
-        head = 1 + (c.tempo_bins > 0)
         first = np.ones(n, dtype=bool)
         first[1:] = seg[1:] != seg[:-1]
         prev_on = np.concatenate(([0], on[:-1]))
         prev_on[first] = 0
         if c.bars:
-            num, den = batch.time_signature[:, 0], batch.time_signature[:, 1]
-            steps = np.maximum(1, np.round(num * 4 * c.steps_per_quarter / np.maximum(den, 1))).astype(np.int64)[seg]
+            steps = steps[seg]
             bar = on // steps
             prev_bar = np.concatenate(([-1], bar[:-1]))
             prev_bar[first] = -1
@@ -273,10 +311,7 @@ class EventsTokenizer:
         out = np.empty(int(per_piece.sum()), dtype=np.int32)
         out[piece_start] = BOS_ID
         if head == 2:
-            # tempo_bin() for every piece at once
-            qpm = np.minimum(np.maximum(batch.qpm, c.tempo_min), c.tempo_max)
-            tempo = np.minimum(np.searchsorted(self._tempo_edges, qpm, side="right") - 1, c.tempo_bins - 1)
-            out[piece_start + 1] = self.tempo_base + tempo
+            out[piece_start + 1] = tempo_ids
         out[piece_start + per_piece - 1] = EOS_ID
         # every piece before a note's own adds its head and EOS; the note's own piece its head
         start = np.concatenate(([0], np.cumsum(count)[:-1])) + seg * (head + 1) + head

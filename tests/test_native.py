@@ -1,0 +1,76 @@
+"""The compiled emission step of the events tokenizer (midiforge.music._events) gives exactly the ids
+of the NumPy code, on every shared file and on edge cases, and fails the same way on bad notes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from corpora import midi_files
+from midiforge.music import tokenizers
+from midiforge.music.piece import DRUM_PROGRAM, Piece, PieceBatch
+from midiforge.music.readers import read_midi_batch
+from midiforge.music.tokenizers import EventsConfig, EventsTokenizer
+
+CONFIGS = [
+    EventsConfig(),
+    EventsConfig(bars=True, programs=True, drums=True, velocity_bins=32, steps_per_quarter=12,
+                 max_shift_steps=8, max_duration_steps=96),
+    EventsConfig(velocity_bins=0, tempo_bins=0, drums=True),
+    EventsConfig(bars=True, max_shift_steps=1),
+]
+
+
+def test_the_extension_is_built():
+    # `make` builds it (setup.py); a machine without a C compiler gets the NumPy path instead
+    assert tokenizers._native is not None, "midiforge.music._events is not built: pip install -e . with a C compiler"
+
+
+def _both(tok: EventsTokenizer, batch: PieceBatch):
+    tok.native = True
+    fast = tok.encode_batch(batch)
+    tok.native = False
+    slow = tok.encode_batch(batch)
+    return fast, slow
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["default", "everything", "no_velocity_tempo", "bars_shift1"])
+def test_native_equals_numpy_on_every_shared_file(config):
+    datas = [p.read_bytes() for name in ("ff", "nottingham") for p in midi_files(name)]
+    batch, errors = read_midi_batch(datas)
+    assert len(batch) == len(datas) > 1000
+    edge = PieceBatch.from_pieces([
+        Piece.from_columns([36, 40], [0.0, 1.0], [0.25, 0.25], [100, 100], [DRUM_PROGRAM] * 2),  # drums only
+        Piece.from_columns([], [], [], [], []),  # no notes
+        Piece.from_columns([60, 62, 60], [0.0, 37.25, 37.25], [1.0, 1.0, 1.0], [90, 20, 90], [0, 3, 0],
+                           time_signature=(3, 4), qpm=400.0),  # bars, a long rest, equal onsets
+    ])
+    batch = PieceBatch.concat([batch.slice(0, 5), edge, batch.slice(5, len(batch))])
+    (ids, offsets), (ids_np, offsets_np) = _both(EventsTokenizer(config), batch)
+    assert ids.dtype == ids_np.dtype == np.int32
+    assert np.array_equal(offsets, offsets_np) and np.array_equal(ids, ids_np)
+
+
+def test_native_rejects_a_program_out_of_range_like_numpy():
+    bad = Piece.from_columns([60], [0.0], [1.0], [90], [0])
+    bad = Piece(bad.pitch, bad.start, bad.duration, bad.velocity, np.array([999], dtype=np.int16))
+    tok = EventsTokenizer(EventsConfig(programs=True))
+    for native in (True, False):
+        tok.native = native
+        with pytest.raises(IndexError):
+            tok.encode(bad)
+
+
+def test_native_checks_its_arguments():
+    native = tokenizers._native
+    z = np.zeros(0, np.int64)
+    rule = (16, 3, -1, 8, 40, 48, 175, 0, 0, 2)
+    with pytest.raises(ValueError):  # offsets do not cover the notes
+        native.count(np.array([0, 5], np.int64), z, z, z, z, z, np.full(129, -1, np.int64), z,
+                     np.zeros(1, np.int64), rule, np.zeros(1, np.int64))
+    with pytest.raises(TypeError):  # not int64
+        native.count(np.array([0], np.int32), z, z, z, z, z, np.full(129, -1, np.int64), z, z, rule, z)
+    out = np.zeros(2, np.int32)  # too small for BOS TEMPO PITCH DURATION EOS
+    one = np.ones(1, np.int64)
+    with pytest.raises(ValueError):
+        native.emit(np.array([0, 1], np.int64), one, one, one * 60, one, np.zeros(1, np.int64),
+                    np.full(129, -1, np.int64), z, np.zeros(1, np.int64), rule, out)
