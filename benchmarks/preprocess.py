@@ -61,6 +61,13 @@ def _best(runs: list[dict], files: int) -> dict:
     return best
 
 
+def _compiled_encoder() -> bool:
+    """Whether the events tokenizer's C emission step is built (else its NumPy code runs)."""
+    from midiforge.music import tokenizers
+
+    return tokenizers._native is not None
+
+
 def _version(dist: str) -> str | None:
     try:
         return metadata.version(dist)
@@ -286,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "preprocess", "corpus": corpus, "files": len(refs),
         "bytes": int(sum(os.path.getsize(x) for x in paths)),
         "settings": {"tokenizer": settings.tokenizer, "parser": settings.read.parser,
-                     "tracks": settings.read.tracks, "transpose": list(settings.transpose)},
+                     "tracks": settings.read.tracks, "transpose": list(settings.transpose),
+                     "compiled_encoder": _compiled_encoder()},
         "repeats": args.repeats, "statistic": "best (fastest) of interleaved rounds",
         "machine": {"cores": os.cpu_count(), "load_average_start": load_start, "load_average_rounds": [],
                     "python": platform.python_version(),
