@@ -1,5 +1,5 @@
 # The README's two commands.  Both create or refresh .venv from pyproject.toml first (and build the
-# optional C part, src/midiforge/music/_events.c, in place).
+# optional C parts, src/midiforge/music/_*.c, in place).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -10,7 +10,7 @@ DEMO_OUT ?= demo-out
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py src/midiforge/music/_events.c
+$(STAMP): pyproject.toml setup.py src/midiforge/music/_events.c src/midiforge/music/_midi.c
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] in ((3, 11), (3, 12)), "midiforge needs Python 3.11 or 3.12"'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -24,4 +24,4 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -ra
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) build src/midiforge/music/_events.*.so
+	rm -rf $(VENV) $(DEMO_OUT) build src/midiforge/music/_*.so

@@ -1,8 +1,13 @@
 """Only the compiled part of midiforge; everything else is in pyproject.toml.
 
-The extension is optional: where it cannot be built (no C compiler), the install goes on and
-EventsTokenizer uses its NumPy code, which gives the same ids (tests/test_native.py)."""
+Both extensions are optional: where they cannot be built (no C compiler), the install goes on and
+midiforge uses its Python/NumPy code for the same steps, which gives the same results
+(tests/test_native.py): _events is the emission step of the events tokenizer, _midi the bulk step
+of the batch MIDI reader."""
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("midiforge.music._events", ["src/midiforge/music/_events.c"], optional=True,
-                             extra_compile_args=["-O2", "-std=c99"])])
+setup(ext_modules=[
+    Extension(f"midiforge.music.{name}", [f"src/midiforge/music/{name}.c"], optional=True,
+              extra_compile_args=["-O2", "-std=c99"])
+    for name in ("_events", "_midi")
+])

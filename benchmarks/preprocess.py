@@ -11,8 +11,9 @@ Prints one JSON object.  On the same MIDI files of CORPUS, in the same run:
   evenly, no Ray): what the shared machine gives to parallel work during this run, i.e. the
   ceiling of ``two_workers_vs_one``.
 * ``end_to_end``: the real stage, :func:`run_preprocess` into a fresh DEST, with one worker
-  and with every core, on a local Ray started (and warmed up) before timing; the Ray start-up
-  is reported apart.  files/s = input files / wall seconds of ``run_preprocess``; tokens from
+  and with every core, on a local Ray started (and warmed up) before timing, its worker processes
+  up before every timed run (:func:`warm_workers`); the Ray start-up is reported apart.
+  files/s = input files / wall seconds of ``run_preprocess``; tokens from
   its manifest.
 * ``miditok_tsd``: MidiTok's TSD tokenizer on every file (symusic Score from the bytes, then
   ``tokenizer.encode``), with velocities and tempos like the events tokenizer.
@@ -124,6 +125,22 @@ def engine_processes(pool, refs, settings, processes: int) -> dict:
     t = time.perf_counter()
     busy = [f.result() for f in [pool.submit(_engine_seconds, part, settings) for part in parts]]
     return {"seconds": time.perf_counter() - t, "busy_seconds": round(sum(busy), 4)}
+
+
+def warm_workers(files: list[str], settings, workers: int) -> None:
+    """One task per worker, untimed: Ray ends worker processes that stay idle (here, while the other
+    measurements run), and a new one spends ~1.3 s importing before its first batch.  The figures are
+    of the stage with its workers up, as the Ray start-up is reported apart."""
+    from midiforge.pipeline.preprocess import run_preprocess
+
+    dest = tempfile.mkdtemp(prefix="mf-bench-warm-")
+    try:
+        listing = os.path.join(dest, "files.txt")
+        with open(listing, "w", encoding="utf-8") as fh:
+            fh.write("\n".join(files[:workers]) + "\n")
+        run_preprocess(listing, os.path.join(dest, "out"), settings, workers=workers, batch_files=1, progress=False)
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)
 
 
 def end_to_end(src: str, settings, workers: int) -> dict:
@@ -341,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
             result["end_to_end"] = {"ray_start_seconds": round(ray_start, 3),
                                     "warm_up_seconds": round(time.perf_counter() - t, 3), "ray_cpus": cpus}
             for w in counts:
-                measure[f"workers_{w}"] = lambda w=w: end_to_end(src, settings, w)
+                measure[f"workers_{w}"] = lambda w=w: (warm_workers(paths, settings, max(counts)),
+                                                       end_to_end(src, settings, w))[1]
         if "miditok" not in args.skip:
             tok = make_miditok()
             miditok_tsd(tok, paths[:8])  # first calls, not timed

@@ -16,6 +16,11 @@ import numpy as np
 from midiforge.errors import PieceError
 from midiforge.music.piece import DRUM_PROGRAM, Piece, PieceBatch
 
+try:  # the compiled bulk step of read_midi_batch (optional: the Python code does the same, slower)
+    from midiforge.music import _midi as _native_midi
+except ImportError:  # not built (no C compiler when installed)
+    _native_midi = None
+
 READ_ERRORS = (PieceError,)
 
 MIDI_SUFFIXES = (".mid", ".midi")
@@ -201,7 +206,8 @@ def _keep_tracks(heads, options: ReadOptions):
     return kept
 
 
-def _parse_midi(data: bytes, options: ReadOptions) -> _File:
+def _parse_score(data: bytes, options: ReadOptions):
+    """(symusic Score, ticks per quarter) of one MIDI file, or the PieceError that says why not."""
     import symusic
 
     if len(data) > options.max_bytes:
@@ -214,6 +220,11 @@ def _parse_midi(data: bytes, options: ReadOptions) -> _File:
     tpq = int(score.ticks_per_quarter)
     if tpq <= 0:
         raise PieceError("unsupported", f"ticks per quarter = {tpq}")
+    return score, tpq
+
+
+def _file_of(score, tpq: int, options: ReadOptions) -> _File:
+    """One parsed file's notes, from symusic's state buffer (or, if it does not fit, ``.numpy()``)."""
     buf = score.__getstate__()
     try:
         tpq_, heads, tempo_at, tempo_count, ts_at, ts_count = _state_layout(buf)
@@ -232,7 +243,7 @@ def _parse_midi(data: bytes, options: ReadOptions) -> _File:
 
 
 def _parse_midi_numpy(score, tpq: int, options: ReadOptions) -> _File:
-    """The same as :func:`_parse_midi`, through symusic's public ``.numpy()`` per track."""
+    """The same as :func:`_file_of`, through symusic's public ``.numpy()`` per track."""
     tracks = list(score.tracks)
     kept = _keep_tracks([(int(t.program), bool(t.is_drum), len(t.notes)) for t in tracks], options)
     chunks = []
@@ -254,22 +265,8 @@ def _parse_midi_numpy(score, tpq: int, options: ReadOptions) -> _File:
     return _File(tpq, chunks, [c for *_, c in kept], [p for p, _, _ in kept], [i for _, i, _ in kept], tempos, ts)
 
 
-def read_midi_batch(datas: list[bytes], options: ReadOptions = ReadOptions()) -> tuple[PieceBatch, list]:
-    """Many MIDI files through symusic at once: (the pieces read, in input order; for each input
-    its :class:`PieceError`, or None if it is in the batch).
-
-    A piece's notes are in the file's order (track by track): tokenizers sort what they need.
-    """
-    files: list[_File] = []
-    errors: list = []
-    for data in datas:
-        try:
-            files.append(_parse_midi(data, options))
-            errors.append(None)
-        except PieceError as exc:
-            errors.append(exc)
-        except Exception as exc:  # a bug for one file: its failure, not the batch's
-            errors.append(PieceError("parser_error", f"{type(exc).__name__}: {exc}"))
+def _assemble(files: list[_File]) -> tuple[PieceBatch, np.ndarray]:
+    """The batch of pieces of ``files``, and the end tick of each."""
     n = len(files)
     counts = np.fromiter((c for f in files for c in f.counts), dtype=np.int64)
     rows = np.frombuffer(b"".join([c for f in files for c in f.chunks]), NOTE_DTYPE)
@@ -289,13 +286,97 @@ def read_midi_batch(datas: list[bytes], options: ReadOptions = ReadOptions()) ->
         np.array([6e7 / f.tempos[0][1] if f.tempos and f.tempos[0][1] > 0 else 120.0 for f in files], dtype=np.float64),
         np.array([_seconds(int(e), f.tempos, f.tpq) for e, f in zip(end_tick.tolist(), files)], dtype=np.float64),
         np.array([f.time_signature for f in files], dtype=np.int64).reshape(n, 2))
-    quarters = end_tick / tpq
+    return batch, end_tick
+
+
+# the columns of _midi.scan's meta rows, and its statuses
+_M_STATUS, _M_TPQ, _M_TRACKS, _M_NOTES_ALL, _M_KEPT, _M_TS_NUM, _M_TS_DEN, _M_TEMPOS, _META = range(9)
+_OK, _LAYOUT, _TOO_LONG, _NO_NOTES = range(4)
+
+
+def _native_batch(parsed: list, options: ReadOptions, errors: list) -> tuple[PieceBatch, np.ndarray, list, list]:
+    """The compiled path (midiforge.music._midi): every state buffer of the batch in two C passes.
+
+    Returns the batch of the files read, their end ticks, their input indices, and the (index, score,
+    tpq) of the files whose buffer did not fit, for the Python path."""
+    states = [score.__getstate__() for _, score, _ in parsed]
+    meta = np.zeros((len(parsed), _META), dtype=np.int64)
+    _native_midi.scan(states, int(options.tracks == "first"), options.max_notes, meta)
+    left = []
+    for j, (i, score, tpq) in enumerate(parsed):
+        m = meta[j]
+        if m[_M_STATUS] != _LAYOUT and (m[_M_TPQ] != tpq or m[_M_TRACKS] != len(score.tracks)
+                                        or m[_M_NOTES_ALL] != score.note_num()):
+            m[_M_STATUS] = _LAYOUT
+        status = m[_M_STATUS]
+        if status == _LAYOUT:
+            left.append((i, score, tpq))
+        elif status == _TOO_LONG:
+            errors[i] = PieceError("too_long", f"more than {options.max_notes} notes")
+        elif status == _NO_NOTES:
+            errors[i] = PieceError("no_notes", f"{int(m[_M_TRACKS])} tracks, no notes")
+    ok = meta[:, _M_STATUS] == _OK
+    lengths = meta[ok, _M_KEPT]
+    total = int(lengths.sum())
+    cols = [np.empty(total, np.int64), np.empty(total, np.int64)] + [np.empty(total, np.int16) for _ in range(4)]
+    facts = np.empty((int(ok.sum()), 3), dtype=np.float64)
+    _native_midi.fill(states, int(options.tracks == "first"), meta, *cols, facts)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    scale = np.repeat(1.0 / meta[ok, _M_TPQ], lengths)
+    time, dur, pitch, vel, prog, track = cols
+    batch = PieceBatch(pitch, time * scale, dur * scale, vel, prog, track, offsets, facts[:, 0].copy(),
+                       facts[:, 1].copy(), meta[ok][:, [_M_TS_NUM, _M_TS_DEN]].copy())
+    return batch, facts[:, 2].astype(np.int64), [i for (i, _, _), k in zip(parsed, ok) if k], left
+
+
+def read_midi_batch(datas: list[bytes], options: ReadOptions = ReadOptions()) -> tuple[PieceBatch, list]:
+    """Many MIDI files through symusic at once: (the pieces read, in input order; for each input
+    its :class:`PieceError`, or None if it is in the batch).
+
+    symusic parses each file; the notes of all of them are then read out of symusic's serialized
+    Scores at once, in C (midiforge.music._midi) when it is built, else in Python.  A piece's notes
+    are in the file's order (track by track): tokenizers sort what they need.
+    """
+    errors: list = [None] * len(datas)
+    parsed = []  # (input index, score, ticks per quarter)
+    for i, data in enumerate(datas):
+        try:
+            parsed.append((i, *_parse_score(data, options)))
+        except PieceError as exc:
+            errors[i] = exc
+        except Exception as exc:  # a bug for one file: its failure, not the batch's
+            errors[i] = PieceError("parser_error", f"{type(exc).__name__}: {exc}")
+    tpq_of = {i: tpq for i, _, tpq in parsed}
+    parts, ends, where = [], [], []  # batches, their end ticks, the input index of each piece
+    if _native_midi is not None and parsed:
+        batch, end_tick, done, parsed = _native_batch(parsed, options, errors)
+        parts.append(batch)
+        ends.append(end_tick)
+        where.extend(done)
+    files = []
+    for i, score, tpq in parsed:  # the Python path: every file without the compiled part, else the leftovers
+        try:
+            files.append(_file_of(score, tpq, options))
+            where.append(i)
+        except PieceError as exc:
+            errors[i] = exc
+        except Exception as exc:  # a bug for one file: its failure, not the batch's
+            errors[i] = PieceError("parser_error", f"{type(exc).__name__}: {exc}")
+    if files or not parts:
+        batch, end_tick = _assemble(files)
+        parts.append(batch)
+        ends.append(end_tick)
+    batch, end_tick = PieceBatch.concat(parts), np.concatenate(ends)
+    if len(parts) > 1:  # back to input order
+        order = np.argsort(np.array(where, dtype=np.int64), kind="stable")
+        batch, end_tick, where = batch.take(order), end_tick[order], [where[k] for k in order]
+    quarters = end_tick / np.array([tpq_of[i] for i in where], dtype=np.float64)
     too_long = np.flatnonzero(quarters > options.max_quarters)
     if len(too_long):  # rare: drop those pieces, record why
-        where = [i for i, e in enumerate(errors) if e is None]
         for j in too_long.tolist():
             errors[where[j]] = PieceError("too_long", f"{quarters[j]:.0f} quarters > max {options.max_quarters:.0f}")
-        batch = batch.take(np.setdiff1d(np.arange(n), too_long))
+        batch = batch.take(np.setdiff1d(np.arange(len(batch)), too_long))
     return batch, errors
 
 
