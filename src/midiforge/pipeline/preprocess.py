@@ -462,27 +462,34 @@ def finalize(dest, settings: PreprocessSettings, *, src_count: int, started: flo
         for src, pid, status in zip(t["source"].to_pylist(), t["piece_id"].to_pylist(), t["status"].to_pylist()):
             if status == "piece" and (pid not in keeper or src < keeper[pid][0]):
                 keeper[pid] = (src, part)
+    drops: dict[int, set] = {}
     for part, t in sorted(tables.items()):
-        status = t["status"].to_pylist()
-        drop = [(s, p) for s, p, st in zip(t["source"].to_pylist(), t["piece_id"].to_pylist(), status)
-                if st == "piece" and keeper[p][0] != s]
-        if not drop:
-            continue
-        drop_set = set(drop)
-        new_status = ["duplicate" if (s, p) in drop_set else st
-                      for s, p, st in zip(t["source"].to_pylist(), t["piece_id"].to_pylist(), status)]
+        drop = {(s, p) for s, p, st in zip(t["source"].to_pylist(), t["piece_id"].to_pylist(), t["status"].to_pylist())
+                if st == "piece" and keeper[p][0] != s}
+        if drop:
+            drops[part] = drop
+
+    def rewrite(part: int):  # the shard without the rows of copies kept elsewhere; the journal says so
+        t, drop = tables[part], drops[part]
+        new_status = ["duplicate" if (s, p) in drop else st for s, p, st in
+                      zip(t["source"].to_pylist(), t["piece_id"].to_pylist(), t["status"].to_pylist())]
         rel = _piece_table_path(part, classic)
         pt = read_table(dest, rel)
-        keep = [(s, p) not in drop_set for s, p in zip(pt["source"].to_pylist(), pt["piece_id"].to_pylist())]
+        keep = [(s, p) not in drop for s, p in zip(pt["source"].to_pylist(), pt["piece_id"].to_pylist())]
         pt = pt.filter(pa.array(keep))
         entry = write_table(dest, rel, pt)
-        known.pop(part, None)
+        info = None
         if not classic:  # its stats from the table in hand (a classic shard is rewritten below anyway)
-            known[part] = {**entry, "stats": _table_stats(*(pt[k].to_pylist() for k in ("split", "transpose", "qpm",
-                                                                                          "n_tokens")))}
+            info = {**entry, "stats": _table_stats(*(pt[k].to_pylist() for k in ("split", "transpose", "qpm", "n_tokens")))}
         t = t.set_column(t.schema.get_field_index("status"), "status", pa.array(new_status))
         write_table(dest, journals[part], t)
+        return part, t, info
+
+    for part, t, info in map_parallel(rewrite, sorted(drops), max_workers=4):  # mostly waiting on storage
         tables[part] = t
+        known.pop(part, None)
+        if info is not None:
+            known[part] = info
 
     piece_parts = sorted(p for p, t in tables.items() if "piece" in t["status"].to_pylist())
     if classic:
@@ -499,16 +506,20 @@ def finalize(dest, settings: PreprocessSettings, *, src_count: int, started: flo
 
     if classic:
         known = {}  # every shard was just written from its raw table
+    def read_back(p: int) -> dict:  # a shard of an earlier run, or rewritten here: read it back, once
+        rel = f"shards/part-{p:05d}.parquet"
+        data = dest.read_bytes(rel)
+        t = table_from_bytes(data, dest.url(rel), ["split", "transpose", "n_tokens", "qpm"])
+        stats = _table_stats(t["split"].to_pylist(), t["transpose"].to_pylist(), t["qpm"].to_pylist(),
+                             t["n_tokens"].to_pylist())
+        return {**file_entry(rel, data), "rows": t.num_rows, "stats": stats}
+
+    unknown = [p for p in piece_parts if p not in known]
+    known.update(zip(unknown, map_parallel(read_back, unknown, max_workers=4)))
     shards, qpms, split_counts, rows_total, tokens_total = [], [], dict.fromkeys(SPLITS, 0), 0, 0
     for p in piece_parts:
         rel = f"shards/part-{p:05d}.parquet"
-        info = known.get(p)
-        if info is None:  # a shard of an earlier run, or rewritten here: read it back, once
-            data = dest.read_bytes(rel)
-            t = table_from_bytes(data, dest.url(rel), ["split", "transpose", "n_tokens", "qpm"])
-            stats = _table_stats(t["split"].to_pylist(), t["transpose"].to_pylist(), t["qpm"].to_pylist(),
-                                 t["n_tokens"].to_pylist())
-            info = {**file_entry(rel, data), "rows": t.num_rows, "stats": stats}
+        info = known[p]
         shards.append({"path": rel, "rows": info["rows"], "bytes": info["bytes"], "sha256": info["sha256"]})
         stats = info["stats"]
         qpms.extend(stats["qpm"])
