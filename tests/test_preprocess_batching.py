@@ -25,3 +25,19 @@ def test_the_two_shared_corpus_sizes():
     assert _batch_size(92, 1) == 92 and _batch_size(92, 2) == 46        # 1 batch; 2 = 1 per worker
     assert _batch_size(1034, 1) == 259 and _batch_size(1034, 2) == 130  # 4 batches; 8 = 4 per worker
     assert _batch_size(100_000, 8) == 962                               # 104 batches = 13 per worker, <= MAX_BATCH
+
+
+def test_files_of_one_size_go_together_in_a_fixed_order():
+    from midiforge.pipeline.preprocess import InputRef, _same_sizes_together
+
+    refs = [InputRef(f"f{i:03d}.mid", "/r", f"f{i:03d}.mid", size) for i, size in
+            enumerate([10, 20, 10, 30, 20, 10, 40, -1, -1, 30])]
+    out = _same_sizes_together(refs)
+    assert sorted(out, key=lambda r: r.source) == refs  # every file once
+    assert out == _same_sizes_together(list(reversed(refs)))  # whatever the listing order
+    sizes = [r.size for r in out if r.size >= 0]
+    runs = [s for i, s in enumerate(sizes) if i == 0 or sizes[i - 1] != s]
+    assert len(runs) == len(set(sizes))  # each size in one run
+    for s in set(sizes):  # by source within a size: the copy kept is the first one in its batch
+        group = [r.source for r in out if r.size == s]
+        assert group == sorted(group)
