@@ -64,13 +64,16 @@ def test_native_checks_its_arguments():
     native = tokenizers._native
     z = np.zeros(0, np.int64)
     rule = (16, 3, -1, 8, 40, 48, 175, 0, 0, 2)
+    ins = np.full(129, -1, np.int64)
     with pytest.raises(ValueError):  # offsets do not cover the notes
-        native.count(np.array([0, 5], np.int64), z, z, z, z, z, np.full(129, -1, np.int64), z,
-                     np.zeros(1, np.int64), rule, np.zeros(1, np.int64))
+        native.count(np.array([0, 5], np.int64), z, z, z, z, z, ins, z, np.zeros(1, np.int64), z, rule,
+                     np.zeros(1, np.int64))
     with pytest.raises(TypeError):  # not int64
-        native.count(np.array([0], np.int32), z, z, z, z, z, np.full(129, -1, np.int64), z, z, rule, z)
+        native.count(np.array([0], np.int32), z, z, z, z, z, ins, z, z, z, rule, z)
+    one, zero = np.ones(1, np.int64), np.zeros(1, np.int64)
+    with pytest.raises(ValueError):  # an order that points outside the notes
+        native.count(np.array([0, 1], np.int64), one, one, one * 60, one, zero, ins, z, zero, one * 7, rule,
+                     np.zeros(1, np.int64))
     out = np.zeros(2, np.int32)  # too small for BOS TEMPO PITCH DURATION EOS
-    one = np.ones(1, np.int64)
     with pytest.raises(ValueError):
-        native.emit(np.array([0, 1], np.int64), one, one, one * 60, one, np.zeros(1, np.int64),
-                    np.full(129, -1, np.int64), z, np.zeros(1, np.int64), rule, out)
+        native.emit(np.array([0, 1], np.int64), one, one, one * 60, one, zero, ins, z, zero, zero, rule, out)

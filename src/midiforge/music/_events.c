@@ -4,7 +4,8 @@
  * tests check that both give the same ids on every shared file.
  *
  * Only the buffer protocol is used (no NumPy headers): every array is a C-contiguous int64 buffer
- * except `out`, a writable int32 buffer that the caller sized with `count`.
+ * except `out`, a writable int32 buffer that the caller sized with `count`.  The note columns stay
+ * in their own order; `order` gives the canonical one (no gathered copies).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -16,7 +17,7 @@ typedef struct {
 } Rule;
 
 typedef struct {
-    Py_buffer offsets, on, dur, pitch, vel, prog, ins_ids, bar_steps, tempo_ids;
+    Py_buffer offsets, on, dur, pitch, vel, prog, ins_ids, bar_steps, tempo_ids, order;
     Py_ssize_t n_pieces, n_notes;
 } Notes;
 
@@ -34,22 +35,24 @@ static int get_i64(PyObject *obj, Py_buffer *view, const char *name) {
 
 static void release(Notes *n) {
     Py_buffer *all[] = {&n->offsets, &n->on, &n->dur, &n->pitch, &n->vel, &n->prog, &n->ins_ids, &n->bar_steps,
-                        &n->tempo_ids};
+                        &n->tempo_ids, &n->order};
     for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
         if (all[i]->obj != NULL) PyBuffer_Release(all[i]);
 }
 
-/* parse (offsets, on, dur, pitch, vel, prog, ins_ids, bar_steps, tempo_ids, rule tuple) */
+/* parse (offsets, on, dur, pitch, vel, prog, ins_ids, bar_steps, tempo_ids, order, rule tuple):
+ * note i of the output order is note order[i] of the arrays */
 static int parse(PyObject *args, Notes *n, Rule *r, PyObject **rest) {
-    PyObject *o[9], *rule;
-    const char *names[] = {"offsets", "on", "dur", "pitch", "vel", "prog", "ins_ids", "bar_steps", "tempo_ids"};
+    PyObject *o[10], *rule;
+    const char *names[] = {"offsets", "on", "dur", "pitch", "vel", "prog", "ins_ids", "bar_steps", "tempo_ids",
+                           "order"};
     Py_buffer *views[] = {&n->offsets, &n->on, &n->dur, &n->pitch, &n->vel, &n->prog, &n->ins_ids, &n->bar_steps,
-                          &n->tempo_ids};
+                          &n->tempo_ids, &n->order};
     memset(n, 0, sizeof(*n));
-    if (!PyArg_ParseTuple(args, "OOOOOOOOOO|O", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8],
-                          &rule, rest))
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOO|O", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8],
+                          &o[9], &rule, rest))
         return -1;
-    for (int i = 0; i < 9; i++)
+    for (int i = 0; i < 10; i++)
         if (get_i64(o[i], views[i], names[i]) < 0) { release(n); return -1; }
     if (!PyArg_ParseTuple(rule, "LLLLLLLiii", &r->max_shift, &r->shift_base, &r->bar_id, &r->velocity_bins,
                           &r->velocity_base, &r->pitch_base, &r->duration_base, &r->has_ins, &r->bars, &r->head)) {
@@ -60,7 +63,8 @@ static int parse(PyObject *args, Notes *n, Rule *r, PyObject **rest) {
     n->n_notes = n->on.len / 8;
     if (n->n_pieces < 0 || n->dur.len / 8 != n->n_notes || n->pitch.len / 8 != n->n_notes
         || n->vel.len / 8 != n->n_notes || n->prog.len / 8 != n->n_notes || n->tempo_ids.len / 8 != n->n_pieces
-        || (r->bars && n->bar_steps.len / 8 != n->n_pieces) || n->ins_ids.len / 8 != 129 || r->max_shift < 1) {
+        || (r->bars && n->bar_steps.len / 8 != n->n_pieces) || n->ins_ids.len / 8 != 129 || r->max_shift < 1
+        || n->order.len / 8 != n->n_notes) {
         PyErr_SetString(PyExc_ValueError, "events emit: inconsistent array lengths");
         release(n);
         return -1;
@@ -77,6 +81,13 @@ static int parse(PyObject *args, Notes *n, Rule *r, PyObject **rest) {
             release(n);
             return -1;
         }
+    const int64_t *order = n->order.buf;
+    for (Py_ssize_t i = 0; i < n->n_notes; i++)
+        if (order[i] < 0 || order[i] >= n->n_notes) {
+            PyErr_SetString(PyExc_ValueError, "events emit: order out of range");
+            release(n);
+            return -1;
+        }
     return 0;
 }
 
@@ -84,7 +95,7 @@ static int parse(PyObject *args, Notes *n, Rule *r, PyObject **rest) {
 static int run(const Notes *n, const Rule *r, int32_t *out, int64_t *per_piece, int64_t capacity) {
     const int64_t *off = n->offsets.buf, *on = n->on.buf, *dur = n->dur.buf, *pitch = n->pitch.buf,
                   *vel = n->vel.buf, *prog = n->prog.buf, *ins = n->ins_ids.buf, *steps = n->bar_steps.buf,
-                  *tempo = n->tempo_ids.buf;
+                  *tempo = n->tempo_ids.buf, *order = n->order.buf;
     int64_t w = 0;
 #define EMIT(tok) do { if (out) { if (w >= capacity) return -1; out[w] = (int32_t)(tok); } w++; } while (0)
     for (Py_ssize_t p = 0; p < n->n_pieces; p++) {
@@ -94,28 +105,29 @@ static int run(const Notes *n, const Rule *r, int32_t *out, int64_t *per_piece, 
         int64_t prev_on = 0, prev_bar = -1, prev_prog = -1, prev_vel = -1;
         for (int64_t i = off[p]; i < off[p + 1]; i++) {
             int first = (i == off[p]);
-            int64_t rest = on[i] - prev_on;
+            int64_t j = order[i];
+            int64_t rest = on[j] - prev_on;
             if (r->bars) {
                 int64_t st = steps[p] > 0 ? steps[p] : 1;
-                int64_t bar = on[i] / st;
+                int64_t bar = on[j] / st;
                 for (int64_t b = prev_bar; b < bar; b++) EMIT(r->bar_id);
-                if (bar - prev_bar > 0) rest = on[i] - bar * st;
+                if (bar - prev_bar > 0) rest = on[j] - bar * st;
                 prev_bar = bar;
             }
             if (rest < 0) return -2;
             int64_t n_shift = (rest + r->max_shift - 1) / r->max_shift;
             for (int64_t k = 1; k < n_shift; k++) EMIT(r->shift_base + r->max_shift);
             if (n_shift > 0) EMIT(r->shift_base + (rest - r->max_shift * (n_shift - 1)));
-            if (r->has_ins && (first || prog[i] != prev_prog)) {
-                if (prog[i] < 0 || prog[i] > 128) return -3;
-                EMIT(ins[prog[i]]);
+            if (r->has_ins && (first || prog[j] != prev_prog)) {
+                if (prog[j] < 0 || prog[j] > 128) return -3;
+                EMIT(ins[prog[j]]);
             }
-            if (r->velocity_bins > 0 && (first || vel[i] != prev_vel)) EMIT(r->velocity_base + vel[i]);
-            EMIT(r->pitch_base + pitch[i]);
-            EMIT(r->duration_base + dur[i]);
-            prev_on = on[i];
-            prev_prog = prog[i];
-            prev_vel = vel[i];
+            if (r->velocity_bins > 0 && (first || vel[j] != prev_vel)) EMIT(r->velocity_base + vel[j]);
+            EMIT(r->pitch_base + pitch[j]);
+            EMIT(r->duration_base + dur[j]);
+            prev_on = on[j];
+            prev_prog = prog[j];
+            prev_vel = vel[j];
         }
         EMIT(2); /* EOS */
         per_piece[p] = w - start;
@@ -131,7 +143,7 @@ static PyObject *fail(int code) {
     return NULL;
 }
 
-/* count(offsets, on, dur, pitch, vel, prog, ins_ids, bar_steps, tempo_ids, rule, per_piece) -> total */
+/* count(offsets, on, dur, pitch, vel, prog, ins_ids, bar_steps, tempo_ids, order, rule, per_piece) -> total */
 static PyObject *count(PyObject *self, PyObject *args) {
     Notes n;
     Rule r;
@@ -161,7 +173,7 @@ static PyObject *count(PyObject *self, PyObject *args) {
     return PyLong_FromLongLong(total);
 }
 
-/* emit(offsets, on, dur, pitch, vel, prog, ins_ids, bar_steps, tempo_ids, rule, out) -> None */
+/* emit(offsets, on, dur, pitch, vel, prog, ins_ids, bar_steps, tempo_ids, order, rule, out) -> None */
 static PyObject *emit(PyObject *self, PyObject *args) {
     Notes n;
     Rule r;

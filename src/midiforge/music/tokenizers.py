@@ -243,7 +243,6 @@ class EventsTokenizer:
         onset, dur, pitch, vel, prog = self._grid(column("start"), column("duration"), column("pitch"),
                                                   column("velocity"), program)
         order = _batch_order(seg, onset, prog, pitch, dur, vel, c.max_duration_steps, c.velocity_bins)
-        seg, on, dur, pitch, vel, prog = seg[order], onset[order], dur[order], pitch[order], vel[order], prog[order]
         head = 1 + (c.tempo_bins > 0)
         tempo_ids = np.zeros(n_pieces, dtype=np.int64)
         if head == 2:  # tempo_bin() for every piece at once
@@ -254,15 +253,18 @@ class EventsTokenizer:
         if c.bars:
             num, den = batch.time_signature[:, 0], batch.time_signature[:, 1]
             steps = np.maximum(1, np.round(num * 4 * c.steps_per_quarter / np.maximum(den, 1))).astype(np.int64)
-        if _native is not None and self.native:
-            return self._emit_native(seg, on, dur, pitch, vel, prog, n_pieces, head, tempo_ids, steps)
+        if _native is not None and self.native:  # reads the columns through `order`: no sorted copies
+            return self._emit_native(seg, onset, dur, pitch, vel, prog, order, n_pieces, head, tempo_ids, steps)
+        seg, on, dur, pitch, vel, prog = seg[order], onset[order], dur[order], pitch[order], vel[order], prog[order]
         return self._emit_numpy(seg, on, dur, pitch, vel, prog, n_pieces, head, tempo_ids, steps)
 
     #: use the compiled emission (midiforge.music._events) when it is built; False: the NumPy code
     native = True
 
-    def _emit_native(self, seg, on, dur, pitch, vel, prog, n_pieces, head, tempo_ids, steps):
-        """The same as :meth:`_emit_numpy`, in C: one counting pass, one writing pass."""
+    def _emit_native(self, seg, on, dur, pitch, vel, prog, order, n_pieces, head, tempo_ids, steps):
+        """The same as :meth:`_emit_numpy` of the notes taken in ``order``, in C: one counting pass, one
+        writing pass.  ``seg`` (each note's piece) only gives the notes per piece, so its order does not
+        matter; ``order`` keeps each piece's notes together, pieces in order."""
         c = self.config
         offsets = np.zeros(n_pieces + 1, dtype=np.int64)
         np.cumsum(np.bincount(seg, minlength=n_pieces), out=offsets[1:])
@@ -270,7 +272,8 @@ class EventsTokenizer:
         rule = (c.max_shift_steps, self.shift_base, self.bar_id, c.velocity_bins, self.velocity_base, self.pitch_base,
                 self.duration_base, int(has_ins), int(c.bars), head)
         args = (offsets, *(np.ascontiguousarray(a, dtype=np.int64) for a in (on, dur, pitch, vel, prog)),
-                self.instrument_ids, steps if steps is not None else np.zeros(0, np.int64), tempo_ids, rule)
+                self.instrument_ids, steps if steps is not None else np.zeros(0, np.int64), tempo_ids,
+                np.ascontiguousarray(order, dtype=np.int64), rule)
         per_piece = np.empty(n_pieces, dtype=np.int64)
         out = np.empty(_native.count(*args, per_piece), dtype=np.int32)
         _native.emit(*args, out)
