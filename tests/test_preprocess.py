@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import difflib
-import io
 import json
 import os
 import shutil
@@ -104,12 +103,18 @@ def test_every_input_is_accounted_for(tmp_path, ray_local):
     rows = _rows(dest)
     assert {r[0] for r in rows} == {k for k, v in expected.items() if v == "piece"}
     # transposed copies only for the train split, and they really are transposed
-    for source, k, pid, split, tokens, _n in rows:
-        assert k == 0 or split == "train"
+    tok = load_tokenizer((dest / "tokenizer.json").read_text())
+    original = {pid: tokens for _s, k, pid, _sp, tokens, _n in rows if k == 0}
+    moved = [(k, pid, split, tokens) for _s, k, pid, split, tokens, _n in rows if k != 0]
+    assert moved and all(split == "train" for _k, _p, split, _t in moved)
+    for k, pid, _split, tokens in moved:
+        a, b = tok.decode_quantized(original[pid]), tok.decode_quantized(tokens)
+        assert b.pitch.tolist() == (a.pitch + k).tolist()
+        assert (a.onset.tolist(), a.duration.tolist(), a.velocity.tolist()) == \
+            (b.onset.tolist(), b.duration.tolist(), b.velocity.tolist())
     assert sum(s["rows"] for s in m["shards"]) == len(rows)
     # the manifest lists every object with its sha256, and they verify
     assert verify_store(open_store(str(dest))).ok
-    tok = load_tokenizer((dest / "tokenizer.json").read_text())
     assert tok.id == m["tokenizer"] and all(r["tokenizer"] == tok.id for r in pq.read_table(dest / "shards" / "part-00000.parquet").to_pylist())
 
 

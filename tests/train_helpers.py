@@ -7,7 +7,6 @@ tiny model has something to learn); the files follow preprocess's contract: shar
 from __future__ import annotations
 
 import hashlib
-import json
 
 import numpy as np
 import pyarrow as pa

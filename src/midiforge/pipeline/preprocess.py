@@ -368,8 +368,7 @@ def run_preprocess(src: str, dest_uri: str, settings: PreprocessSettings, *, res
     storage = storage or StorageOptions()
     started = time.time()
     dest = open_store(dest_uri, storage)
-    tok = settings.make_tokenizer()
-    classic = isinstance(tok, ClassicTokenizer)
+    settings.make_tokenizer()  # bad tokenizer settings fail here, before any work
     if abs(sum(settings.splits) - 1.0) > 1e-6 or min(settings.splits) < 0:
         raise MidiforgeError(f"--split ratios must be >= 0 and sum to 1, got {settings.splits}")
 
