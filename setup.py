@@ -8,6 +8,6 @@ from setuptools import Extension, setup
 
 setup(ext_modules=[
     Extension(f"midiforge.music.{name}", [f"src/midiforge/music/{name}.c"], optional=True,
-              extra_compile_args=["-O2", "-std=c99"])
+              extra_compile_args=["-O2", "-std=c99", "-ffp-contract=off"])
     for name in ("_events", "_midi")
 ])

@@ -64,14 +64,14 @@ def test_a_piece_that_cannot_be_encoded_fails_alone_with_its_reason(tmp_path, mo
     src.mkdir()
     for name, piece in (("a.mid", good), ("b.mid", marked), ("b2.mid", marked), ("c.mid", good.transpose(2))):
         (src / name).write_bytes(piece_to_midi(piece))
-    chunk = EventsTokenizer._encode_chunk
+    encode_batch = EventsTokenizer.encode_batch
 
-    def failing_chunk(self, batch):  # an encoder bug that only a piece with a pitch-13 note triggers
+    def failing(self, batch):  # an encoder bug that only a piece with a pitch-13 note triggers
         if (batch.pitch == 13).any():
             raise IndexError("pitch 13 cannot be encoded")
-        return chunk(self, batch)
+        return encode_batch(self, batch)
 
-    monkeypatch.setattr(EventsTokenizer, "_encode_chunk", failing_chunk)
+    monkeypatch.setattr(EventsTokenizer, "encode_batch", failing)
     refs = list_inputs(str(src))
     res = process_batch(0, refs, str(tmp_path / "out"), StorageOptions(), PreprocessSettings())
     assert (res["pieces"], res["duplicates"], res["failures"]) == (2, 0, 2)

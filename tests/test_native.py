@@ -1,5 +1,6 @@
-"""The compiled emission step of the events tokenizer (midiforge.music._events) gives exactly the ids
-of the NumPy code, on every shared file and on edge cases, and fails the same way on bad notes."""
+"""The compiled events tokenizer (midiforge.music._events): all in C ("full"), or its emission step
+only ("emit"), gives exactly the ids of the NumPy code (False), on every shared file and on edge
+cases, and fails the same way on bad notes."""
 from __future__ import annotations
 
 import numpy as np
@@ -25,12 +26,15 @@ def test_the_extension_is_built():
     assert tokenizers._native is not None, "midiforge.music._events is not built: pip install -e . with a C compiler"
 
 
-def _both(tok: EventsTokenizer, batch: PieceBatch):
-    tok.native = True
-    fast = tok.encode_batch(batch)
-    tok.native = False
-    slow = tok.encode_batch(batch)
-    return fast, slow
+MODES = ("full", "emit", False)
+
+
+def _all_modes(tok: EventsTokenizer, batch: PieceBatch) -> list:
+    out = []
+    for mode in MODES:
+        tok.native = mode
+        out.append(tok.encode_batch(batch))
+    return out
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=["default", "everything", "no_velocity_tempo", "bars_shift1"])
@@ -43,19 +47,33 @@ def test_native_equals_numpy_on_every_shared_file(config):
         Piece.from_columns([], [], [], [], []),  # no notes
         Piece.from_columns([60, 62, 60], [0.0, 37.25, 37.25], [1.0, 1.0, 1.0], [90, 20, 90], [0, 3, 0],
                            time_signature=(3, 4), qpm=400.0),  # bars, a long rest, equal onsets
+        Piece.from_columns([64, 60, 67, 60], [2.0, 0.0, 2.0, 0.0], [0.5, 9.0, 0.5, 9.0], [1, 127, 64, 127], [5, 0, 5, 0]),
     ])
     batch = PieceBatch.concat([batch.slice(0, 5), edge, batch.slice(5, len(batch))])
-    (ids, offsets), (ids_np, offsets_np) = _both(EventsTokenizer(config), batch)
-    assert ids.dtype == ids_np.dtype == np.int32
-    assert np.array_equal(offsets, offsets_np) and np.array_equal(ids, ids_np)
+    (ids, offsets), *others = _all_modes(EventsTokenizer(config), batch)
+    assert ids.dtype == np.int32
+    for other_ids, other_offsets in others:
+        assert other_ids.dtype == np.int32
+        assert np.array_equal(offsets, other_offsets) and np.array_equal(ids, other_ids)
+
+
+def test_a_note_outside_the_packed_key_takes_the_numpy_path():
+    odd = Piece(np.array([60, 200], np.int16), np.array([0.0, 1.0]), np.array([1.0, 1.0]),
+                np.array([90, 90], np.int16), np.zeros(2, np.int16))  # pitch 200: no MIDI file has it
+    batch = PieceBatch.from_pieces([odd, odd.select(np.array([True, False]))])
+    tok = EventsTokenizer()
+    assert tok._encode_native(batch) is None  # the C encoder declines this batch ...
+    assert tok._encode_native(batch.slice(1, 2)) is not None  # ... but not the piece without pitch 200
+    (a, oa), (b, ob), (c, oc) = _all_modes(tok, batch)
+    assert np.array_equal(a, c) and np.array_equal(b, c) and np.array_equal(oa, oc)
 
 
 def test_native_rejects_a_program_out_of_range_like_numpy():
     bad = Piece.from_columns([60], [0.0], [1.0], [90], [0])
     bad = Piece(bad.pitch, bad.start, bad.duration, bad.velocity, np.array([999], dtype=np.int16))
     tok = EventsTokenizer(EventsConfig(programs=True))
-    for native in (True, False):
-        tok.native = native
+    for mode in MODES:
+        tok.native = mode
         with pytest.raises(IndexError):
             tok.encode(bad)
 
@@ -77,3 +95,10 @@ def test_native_checks_its_arguments():
     out = np.zeros(2, np.int32)  # too small for BOS TEMPO PITCH DURATION EOS
     with pytest.raises(ValueError):
         native.emit(np.array([0, 1], np.int64), one, one, one * 60, one, zero, ins, z, zero, zero, rule, out)
+    batch = PieceBatch.from_pieces([Piece.from_columns([60], [0.0], [1.0], [90], [0])])
+    tok = EventsTokenizer()
+    good = tok._encode_native(batch)
+    assert good is not None and good[0].tolist() == tok.encode(batch.piece(0)).tolist()
+    with pytest.raises(ValueError):  # a start column of the wrong length
+        native.encode(batch.offsets, batch.start[:0], batch.duration, batch.pitch, batch.velocity, batch.program,
+                      np.zeros(1, np.int64), z, (4, 64, 8, 0, 0), rule + (ins,), np.zeros(1, np.int64))

@@ -1,7 +1,9 @@
-/* The emission step of EventsTokenizer.encode_batch, compiled: given the notes of many pieces on
- * the grid, already in canonical order, write every piece's token ids.  It is the same rule as
- * the NumPy code in tokenizers.py (_emit_numpy), which stays the reference and the fallback; the
- * tests check that both give the same ids on every shared file.
+/* EventsTokenizer.encode_batch, compiled.  `encode` does all of it for a batch of pieces: the
+ * grid (onset and duration steps, velocity bin, instrument), the canonical order (one packed key a
+ * note, sorted), and the ids.  `count`/`emit` do the emission only, for notes already on the grid
+ * and sorted by NumPy (the path taken when a note does not fit the packed key).  The NumPy code in
+ * tokenizers.py (_grid, _batch_order, _emit_numpy) stays the reference and the fallback; the tests
+ * check that every path gives the same ids on every shared file.
  *
  * Only the buffer protocol is used (no NumPy headers): every array is a C-contiguous int64 buffer
  * except `out`, a writable int32 buffer that the caller sized with `count`.  The note columns stay
@@ -9,7 +11,9 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 typedef struct {
     int64_t max_shift, shift_base, bar_id, velocity_bins, velocity_base, pitch_base, duration_base;
@@ -202,9 +206,184 @@ static PyObject *emit(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* ------------------------------------------------------------------------------------------ */
+/* encode: the whole of _encode_chunk for one batch of pieces (grid, canonical order, emission)  */
+/* ------------------------------------------------------------------------------------------ */
+
+/* sort int64 keys ascending: a natural merge sort (the notes of a piece come as a few sorted runs,
+ * one a track), O(n log runs); tmp and bounds hold n and n + 1 items */
+static void sort_keys(int64_t *a, int64_t *tmp, int64_t *bounds, int64_t n) {
+    if (n < 2) return;
+    int64_t runs = 0;
+    bounds[runs++] = 0;
+    for (int64_t i = 1; i < n; i++)
+        if (a[i] < a[i - 1]) bounds[runs++] = i;
+    bounds[runs] = n;
+    int64_t *src = a, *dst = tmp;
+    while (runs > 1) {
+        int64_t out_runs = 0;
+        for (int64_t r = 0; r < runs; r += 2) {
+            int64_t lo = bounds[r], mid = bounds[r + 1], hi = (r + 2 <= runs) ? bounds[r + 2] : bounds[r + 1];
+            int64_t i = lo, j = mid, k = lo;
+            if (r + 1 >= runs) { mid = hi = bounds[r + 1]; j = mid; }
+            while (i < mid && j < hi) dst[k++] = (src[j] < src[i]) ? src[j++] : src[i++];
+            while (i < mid) dst[k++] = src[i++];
+            while (j < hi) dst[k++] = src[j++];
+            bounds[out_runs++] = lo;
+        }
+        bounds[out_runs] = n;
+        runs = out_runs;
+        int64_t *t = src; src = dst; dst = t;
+    }
+    if (src != a) memcpy(a, src, sizeof(int64_t) * n);
+}
+
+typedef struct { int32_t *buf; int64_t len, cap; } Out;
+
+static int grow(Out *o, int64_t need) {
+    if (o->len + need <= o->cap) return 0;
+    int64_t cap = o->cap ? o->cap : 1024;
+    while (cap < o->len + need) cap *= 2;
+    int32_t *b = PyMem_RawRealloc(o->buf, sizeof(int32_t) * cap);
+    if (!b) return -1;
+    o->buf = b;
+    o->cap = cap;
+    return 0;
+}
+
+/* encode(offsets, start, duration, pitch, velocity, program, tempo_ids, bar_steps, grid, rule, per_piece)
+ *   start/duration: float64 quarters; pitch/velocity/program: int16; offsets, tempo_ids, bar_steps,
+ *   per_piece (out): int64.  grid = (steps_per_quarter, max_duration_steps, velocity_bins, programs,
+ *   drums), rule as for count/emit plus the instrument ids.  Returns a bytearray of int32 ids, or None
+ *   if a note cannot take the packed sort key (pitch outside 0..127, program outside 0..128, a
+ *   piece too long): the caller then takes the NumPy path, which handles those. */
+static PyObject *encode(PyObject *self, PyObject *args) {
+    PyObject *o[8], *grid_t, *rule_t, *per_o;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOO", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &grid_t,
+                          &rule_t, &per_o))
+        return NULL;
+    long long spq, max_dur, vel_bins;
+    int programs, drums;
+    if (!PyArg_ParseTuple(grid_t, "LLLii", &spq, &max_dur, &vel_bins, &programs, &drums)) return NULL;
+    Rule r;
+    PyObject *ins_o;
+    if (!PyArg_ParseTuple(rule_t, "LLLLLLLiiiO", &r.max_shift, &r.shift_base, &r.bar_id, &r.velocity_bins,
+                          &r.velocity_base, &r.pitch_base, &r.duration_base, &r.has_ins, &r.bars, &r.head, &ins_o))
+        return NULL;
+    Py_buffer v[10];
+    memset(v, 0, sizeof(v));
+    PyObject *objs[10] = {o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7], ins_o, per_o};
+    const Py_ssize_t item[10] = {8, 8, 8, 2, 2, 2, 8, 8, 8, 8};
+    int ok = 1;
+    for (int k = 0; k < 10 && ok; k++) {
+        int flags = PyBUF_C_CONTIGUOUS | (k == 9 ? PyBUF_WRITABLE : 0);
+        if (PyObject_GetBuffer(objs[k], &v[k], flags) < 0) { ok = 0; break; }
+        if (v[k].len % item[k]) { PyErr_SetString(PyExc_ValueError, "encode: buffer of the wrong item size"); ok = 0; }
+    }
+    Py_ssize_t n_pieces = ok ? v[0].len / 8 - 1 : 0, n_notes = ok ? v[1].len / 8 : 0;
+    if (ok && (n_pieces < 0 || v[2].len / 8 != n_notes || v[3].len / 2 != n_notes || v[4].len / 2 != n_notes
+               || v[5].len / 2 != n_notes || v[6].len / 8 != n_pieces || (r.bars && v[7].len / 8 != n_pieces)
+               || v[8].len / 8 != 129 || v[9].len / 8 != n_pieces || spq < 1 || max_dur < 1 || vel_bins < 0
+               || r.max_shift < 1)) {
+        PyErr_SetString(PyExc_ValueError, "encode: inconsistent arguments");
+        ok = 0;
+    }
+    const int64_t *off = ok ? v[0].buf : NULL;
+    if (ok && (off[0] != 0 || off[n_pieces] != n_notes)) { PyErr_SetString(PyExc_ValueError, "encode: bad offsets"); ok = 0; }
+    for (Py_ssize_t p = 0; ok && p < n_pieces; p++)
+        if (off[p + 1] < off[p]) { PyErr_SetString(PyExc_ValueError, "encode: offsets decrease"); ok = 0; }
+    if (!ok) {
+        for (int k = 0; k < 10; k++) if (v[k].obj) PyBuffer_Release(&v[k]);
+        return NULL;
+    }
+    const double *start = v[1].buf, *duration = v[2].buf;
+    const int16_t *pitch = v[3].buf, *velocity = v[4].buf, *program = v[5].buf;
+    const int64_t *tempo = v[6].buf, *steps = v[7].buf, *ins = v[8].buf;
+    int64_t *per_piece = v[9].buf;
+    int64_t longest = 0;
+    for (Py_ssize_t p = 0; p < n_pieces; p++) if (off[p + 1] - off[p] > longest) longest = off[p + 1] - off[p];
+    int64_t *keys = PyMem_RawMalloc(sizeof(int64_t) * (3 * longest + 1));
+    Out out = {NULL, 0, 0};
+    int code = keys ? 0 : -1;  /* 0 ok, -1 no memory, 1 fall back to NumPy */
+    const int64_t VB = vel_bins > 0 ? vel_bins : 1, D = max_dur + 1, PP = 129 * 128;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t p = 0; p < n_pieces && code == 0; p++) {
+        int64_t m = 0;
+        for (int64_t i = off[p]; i < off[p + 1]; i++) {
+            int64_t prog = program[i];
+            if (!drums && prog == 128) continue;
+            if (!programs) prog = prog == 128 ? 128 : 0;
+            int64_t on = (int64_t)floor(start[i] * (double)spq + 0.5);
+            if (on < 0) on = 0;
+            int64_t d = (int64_t)floor(duration[i] * (double)spq + 0.5);
+            d = d < 1 ? 1 : (d > max_dur ? max_dur : d);
+            int64_t vb = 0;
+            if (vel_bins > 0) {
+                int64_t vv = velocity[i] < 1 ? 1 : (velocity[i] > 127 ? 127 : velocity[i]);
+                vb = (vv - 1) * vel_bins / 127;
+                if (vb > vel_bins - 1) vb = vel_bins - 1;
+            }
+            if (pitch[i] < 0 || pitch[i] > 127 || prog < 0 || prog > 128 || on > ((INT64_C(1) << 62) / (PP * D * VB)) - 1) {
+                code = 1;
+                break;
+            }
+            keys[m++] = ((on * PP + prog * 128 + pitch[i]) * D + d) * VB + vb;
+        }
+        if (code) break;
+        sort_keys(keys, keys + longest, keys + 2 * longest, m);
+        if (grow(&out, 3 + 6 * m)) { code = -1; break; }
+        int64_t begin = out.len;
+        Out *o_ = &out;
+#define PUT(tok) do { if (o_->len >= o_->cap && grow(o_, 64)) { code = -1; goto done; } o_->buf[o_->len++] = (int32_t)(tok); } while (0)
+        PUT(1);
+        if (r.head == 2) PUT(tempo[p]);
+        int64_t prev_on = 0, prev_bar = -1, prev_prog = -1, prev_vel = -1;
+        for (int64_t i = 0; i < m; i++) {
+            int64_t key = keys[i];
+            int64_t vb = key % VB, rest_k = key / VB;
+            int64_t d = rest_k % D;
+            rest_k /= D;
+            int64_t pp = rest_k % PP, on = rest_k / PP;
+            int64_t prog = pp / 128, pit = pp % 128;
+            int first = (i == 0);
+            int64_t rest = on - prev_on;
+            if (r.bars) {
+                int64_t st = steps[p] > 0 ? steps[p] : 1;
+                int64_t bar = on / st;
+                for (int64_t b = prev_bar; b < bar; b++) PUT(r.bar_id);
+                if (bar - prev_bar > 0) rest = on - bar * st;
+                prev_bar = bar;
+            }
+            int64_t n_shift = (rest + r.max_shift - 1) / r.max_shift;
+            for (int64_t k = 1; k < n_shift; k++) PUT(r.shift_base + r.max_shift);
+            if (n_shift > 0) PUT(r.shift_base + (rest - r.max_shift * (n_shift - 1)));
+            if (r.has_ins && (first || prog != prev_prog)) PUT(ins[prog]);
+            if (r.velocity_bins > 0 && (first || vb != prev_vel)) PUT(r.velocity_base + vb);
+            PUT(r.pitch_base + pit);
+            PUT(r.duration_base + d);
+            prev_on = on;
+            prev_prog = prog;
+            prev_vel = vb;
+        }
+        PUT(2);
+#undef PUT
+        per_piece[p] = out.len - begin;
+    }
+done:;
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(keys);
+    for (int k = 0; k < 10; k++) PyBuffer_Release(&v[k]);
+    if (code == -1) { PyMem_RawFree(out.buf); return PyErr_NoMemory(); }
+    if (code == 1) { PyMem_RawFree(out.buf); Py_RETURN_NONE; }
+    PyObject *result = PyByteArray_FromStringAndSize((const char *)out.buf, (Py_ssize_t)(sizeof(int32_t) * out.len));
+    PyMem_RawFree(out.buf);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"count", count, METH_VARARGS, "Token count of every piece (into per_piece); returns the total."},
     {"emit", emit, METH_VARARGS, "Write the token ids of every piece into out (int32)."},
+    {"encode", encode, METH_VARARGS, "Grid, canonical order and ids of every piece; a bytearray of int32, or None."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -208,11 +208,17 @@ class EventsTokenizer:
         """The ids of every piece of ``batch``, one after the other (int32), and where each piece's
         ids start: piece ``i`` is ``ids[offsets[i]:offsets[i + 1]]``.
 
-        For many small pieces NumPy's per-call cost dominates; here the notes of a chunk of pieces
-        are one set of columns with a piece index as the first sort key, and every rule starts
-        over at a piece's first note.
+        With the compiled module, all of it runs in C, piece by piece.  Otherwise (or for a batch
+        with a note the C code declines, such as a pitch outside 0..127) it runs in NumPy, where
+        for many small pieces the per-call cost dominates: the notes of a chunk of pieces are one
+        set of columns with a piece index as the first sort key, and every rule starts over at a
+        piece's first note.
         """
         n = len(batch)
+        if _native is not None and self.native == "full":
+            done = self._encode_native(batch)
+            if done is not None:
+                return done
         parts, lengths = [], []
         ends = batch.offsets[1:]
         a = 0
@@ -258,8 +264,37 @@ class EventsTokenizer:
         seg, on, dur, pitch, vel, prog = seg[order], onset[order], dur[order], pitch[order], vel[order], prog[order]
         return self._emit_numpy(seg, on, dur, pitch, vel, prog, n_pieces, head, tempo_ids, steps)
 
-    #: use the compiled emission (midiforge.music._events) when it is built; False: the NumPy code
-    native = True
+    #: the compiled code (midiforge.music._events), when it is built: "full" (grid, order and emission
+    #: in C), "emit" (grid and order in NumPy, emission in C), or False (all NumPy: the reference)
+    native = "full"
+
+    def _encode_native(self, batch: PieceBatch):
+        """encode_batch all in C; None where a note does not fit its packed sort key (NumPy then)."""
+        c = self.config
+        n = len(batch)
+        head = 1 + (c.tempo_bins > 0)
+        tempo_ids = np.zeros(n, dtype=np.int64)
+        if head == 2:
+            qpm = np.minimum(np.maximum(batch.qpm, c.tempo_min), c.tempo_max)
+            tempo = np.minimum(np.searchsorted(self._tempo_edges, qpm, side="right") - 1, c.tempo_bins - 1)
+            tempo_ids = (self.tempo_base + tempo).astype(np.int64)
+        steps = np.zeros(0, np.int64)
+        if c.bars:
+            num, den = batch.time_signature[:, 0], batch.time_signature[:, 1]
+            steps = np.maximum(1, np.round(num * 4 * c.steps_per_quarter / np.maximum(den, 1))).astype(np.int64)
+        per_piece = np.empty(n, dtype=np.int64)
+        grid = (c.steps_per_quarter, c.max_duration_steps, c.velocity_bins, int(c.programs), int(c.drums))
+        rule = (c.max_shift_steps, self.shift_base, self.bar_id, c.velocity_bins, self.velocity_base, self.pitch_base,
+                self.duration_base, int(bool((self.instrument_ids >= 0).any())), int(c.bars), head, self.instrument_ids)
+        cols = [np.ascontiguousarray(batch.offsets, dtype=np.int64),
+                np.ascontiguousarray(batch.start, dtype=np.float64), np.ascontiguousarray(batch.duration, dtype=np.float64),
+                *(np.ascontiguousarray(getattr(batch, k), dtype=np.int16) for k in ("pitch", "velocity", "program"))]
+        ids = _native.encode(*cols, tempo_ids, steps, grid, rule, per_piece)
+        if ids is None:
+            return None
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(per_piece, out=offsets[1:])
+        return np.frombuffer(ids, dtype=np.int32), offsets
 
     def _emit_native(self, seg, on, dur, pitch, vel, prog, order, n_pieces, head, tempo_ids, steps):
         """The same as :meth:`_emit_numpy` of the notes taken in ``order``, in C: one counting pass, one
