@@ -148,12 +148,19 @@ class LocalStore(VerifiedReads):
         return str(self.path(rel))
 
     def read_bytes(self, rel: str) -> bytes:
-        # plain strings, not pathlib: this is the preprocess stage's per-file read
+        # the preprocess stage's per-file read: plain strings and os.read (no pathlib, no file object;
+        # 7 us a small file here against 11 for open().read())
         try:
-            with open(os.path.join(self.uri, check_rel(rel)), "rb") as fh:
-                return fh.read()
+            fd = os.open(os.path.join(self.uri, check_rel(rel)), os.O_RDONLY)
         except FileNotFoundError:
             raise MidiforgeError(f"{self.url(rel)}: no such file") from None
+        try:
+            chunks = [os.read(fd, os.fstat(fd).st_size + 1)]  # one read, unless the file grew
+            while chunks[-1]:
+                chunks.append(os.read(fd, 1 << 20))
+        finally:
+            os.close(fd)
+        return chunks[0] if len(chunks) == 2 else b"".join(chunks)
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         target = self.path(rel)
