@@ -122,7 +122,6 @@ def _seconds(end_tick: int, tempos: list, tpq: int) -> float:
 NOTE_DTYPE = np.dtype([("time", "<i4"), ("duration", "<i4"), ("pitch", "i1"), ("velocity", "i1"), ("pad", "V2")])
 _U32 = struct.Struct("<I")
 _TRACK_HEAD = struct.Struct("<BBI")  # program, is_drum, note count
-_TICK_PAIR = struct.Struct("<ii")    # Tempo: time, mspq; TimeSignature: time, num|den|pad as i32
 
 
 class _Layout(Exception):
@@ -231,7 +230,7 @@ def _file_of(score, tpq: int, options: ReadOptions) -> _File:
         if tpq_ != tpq or len(heads) != len(score.tracks) or sum(h[3] for h in heads) != score.note_num():
             raise _Layout
     except _Layout:
-        return _parse_midi_numpy(score, tpq, options)
+        return _file_of_numpy(score, tpq, options)
     kept = _keep_tracks([(p, d, c) for p, d, _, c in heads], options)
     view = memoryview(buf)
     chunks = [view[heads[i][2]: heads[i][2] + 12 * c] for _, i, c in kept]
@@ -242,7 +241,7 @@ def _file_of(score, tpq: int, options: ReadOptions) -> _File:
     return _File(tpq, chunks, [c for *_, c in kept], [p for p, _, _ in kept], [i for _, i, _ in kept], tempos, ts)
 
 
-def _parse_midi_numpy(score, tpq: int, options: ReadOptions) -> _File:
+def _file_of_numpy(score, tpq: int, options: ReadOptions) -> _File:
     """The same as :func:`_file_of`, through symusic's public ``.numpy()`` per track."""
     tracks = list(score.tracks)
     kept = _keep_tracks([(int(t.program), bool(t.is_drum), len(t.notes)) for t in tracks], options)
