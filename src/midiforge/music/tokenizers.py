@@ -215,7 +215,7 @@ class EventsTokenizer:
         piece's first note.
         """
         n = len(batch)
-        if _native is not None and self.native == "full":
+        if _native is not None and self.native:
             done = self._encode_native(batch)
             if done is not None:
                 return done
@@ -249,70 +249,48 @@ class EventsTokenizer:
         onset, dur, pitch, vel, prog = self._grid(column("start"), column("duration"), column("pitch"),
                                                   column("velocity"), program)
         order = _batch_order(seg, onset, prog, pitch, dur, vel, c.max_duration_steps, c.velocity_bins)
-        head = 1 + (c.tempo_bins > 0)
-        tempo_ids = np.zeros(n_pieces, dtype=np.int64)
-        if head == 2:  # tempo_bin() for every piece at once
-            qpm = np.minimum(np.maximum(batch.qpm, c.tempo_min), c.tempo_max)
-            tempo = np.minimum(np.searchsorted(self._tempo_edges, qpm, side="right") - 1, c.tempo_bins - 1)
-            tempo_ids = (self.tempo_base + tempo).astype(np.int64)
-        steps = None
-        if c.bars:
-            num, den = batch.time_signature[:, 0], batch.time_signature[:, 1]
-            steps = np.maximum(1, np.round(num * 4 * c.steps_per_quarter / np.maximum(den, 1))).astype(np.int64)
-        if _native is not None and self.native:  # reads the columns through `order`: no sorted copies
-            return self._emit_native(seg, onset, dur, pitch, vel, prog, order, n_pieces, head, tempo_ids, steps)
         seg, on, dur, pitch, vel, prog = seg[order], onset[order], dur[order], pitch[order], vel[order], prog[order]
-        return self._emit_numpy(seg, on, dur, pitch, vel, prog, n_pieces, head, tempo_ids, steps)
+        steps = self._bar_steps(batch) if c.bars else None
+        return self._emit_numpy(seg, on, dur, pitch, vel, prog, n_pieces, 1 + (c.tempo_bins > 0),
+                                self._tempo_ids(batch), steps)
 
-    #: the compiled code (midiforge.music._events), when it is built: "full" (grid, order and emission
-    #: in C), "emit" (grid and order in NumPy, emission in C), or False (all NumPy: the reference)
-    native = "full"
+    def _tempo_ids(self, batch: PieceBatch) -> np.ndarray:
+        """The TEMPO id of every piece (tempo_bin() at once; zeros without tempo tokens)."""
+        c = self.config
+        if not c.tempo_bins:
+            return np.zeros(len(batch), dtype=np.int64)
+        qpm = np.minimum(np.maximum(batch.qpm, c.tempo_min), c.tempo_max)
+        tempo = np.minimum(np.searchsorted(self._tempo_edges, qpm, side="right") - 1, c.tempo_bins - 1)
+        return (self.tempo_base + tempo).astype(np.int64)
+
+    def _bar_steps(self, batch: PieceBatch) -> np.ndarray:
+        """bar_steps() of every piece's time signature, at once."""
+        num, den = batch.time_signature[:, 0], batch.time_signature[:, 1]
+        return np.maximum(1, np.round(num * 4 * self.config.steps_per_quarter / np.maximum(den, 1))).astype(np.int64)
+
+    #: use the compiled encoder (midiforge.music._events) when it is built; False: the NumPy code,
+    #: which is the reference
+    native = True
 
     def _encode_native(self, batch: PieceBatch):
-        """encode_batch all in C; None where a note does not fit its packed sort key (NumPy then)."""
+        """encode_batch in C; None if a note does not fit its packed sort key (the NumPy code then)."""
         c = self.config
         n = len(batch)
-        head = 1 + (c.tempo_bins > 0)
-        tempo_ids = np.zeros(n, dtype=np.int64)
-        if head == 2:
-            qpm = np.minimum(np.maximum(batch.qpm, c.tempo_min), c.tempo_max)
-            tempo = np.minimum(np.searchsorted(self._tempo_edges, qpm, side="right") - 1, c.tempo_bins - 1)
-            tempo_ids = (self.tempo_base + tempo).astype(np.int64)
-        steps = np.zeros(0, np.int64)
-        if c.bars:
-            num, den = batch.time_signature[:, 0], batch.time_signature[:, 1]
-            steps = np.maximum(1, np.round(num * 4 * c.steps_per_quarter / np.maximum(den, 1))).astype(np.int64)
+        steps = self._bar_steps(batch) if c.bars else np.zeros(0, np.int64)
         per_piece = np.empty(n, dtype=np.int64)
         grid = (c.steps_per_quarter, c.max_duration_steps, c.velocity_bins, int(c.programs), int(c.drums))
         rule = (c.max_shift_steps, self.shift_base, self.bar_id, c.velocity_bins, self.velocity_base, self.pitch_base,
-                self.duration_base, int(bool((self.instrument_ids >= 0).any())), int(c.bars), head, self.instrument_ids)
+                self.duration_base, int(bool((self.instrument_ids >= 0).any())), int(c.bars), 1 + (c.tempo_bins > 0),
+                self.instrument_ids)
         cols = [np.ascontiguousarray(batch.offsets, dtype=np.int64),
                 np.ascontiguousarray(batch.start, dtype=np.float64), np.ascontiguousarray(batch.duration, dtype=np.float64),
                 *(np.ascontiguousarray(getattr(batch, k), dtype=np.int16) for k in ("pitch", "velocity", "program"))]
-        ids = _native.encode(*cols, tempo_ids, steps, grid, rule, per_piece)
+        ids = _native.encode(*cols, self._tempo_ids(batch), steps, grid, rule, per_piece)
         if ids is None:
             return None
         offsets = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(per_piece, out=offsets[1:])
         return np.frombuffer(ids, dtype=np.int32), offsets
-
-    def _emit_native(self, seg, on, dur, pitch, vel, prog, order, n_pieces, head, tempo_ids, steps):
-        """The same as :meth:`_emit_numpy` of the notes taken in ``order``, in C: one counting pass, one
-        writing pass.  ``seg`` (each note's piece) only gives the notes per piece, so its order does not
-        matter; ``order`` keeps each piece's notes together, pieces in order."""
-        c = self.config
-        offsets = np.zeros(n_pieces + 1, dtype=np.int64)
-        np.cumsum(np.bincount(seg, minlength=n_pieces), out=offsets[1:])
-        has_ins = bool((self.instrument_ids >= 0).any())
-        rule = (c.max_shift_steps, self.shift_base, self.bar_id, c.velocity_bins, self.velocity_base, self.pitch_base,
-                self.duration_base, int(has_ins), int(c.bars), head)
-        args = (offsets, *(np.ascontiguousarray(a, dtype=np.int64) for a in (on, dur, pitch, vel, prog)),
-                self.instrument_ids, steps if steps is not None else np.zeros(0, np.int64), tempo_ids,
-                np.ascontiguousarray(order, dtype=np.int64), rule)
-        per_piece = np.empty(n_pieces, dtype=np.int64)
-        out = np.empty(_native.count(*args, per_piece), dtype=np.int32)
-        _native.emit(*args, out)
-        return out, per_piece
 
     def _emit_numpy(self, seg, on, dur, pitch, vel, prog, n_pieces, head, tempo_ids, steps):
         """Token ids of notes in canonical order (``seg``: each note's piece), and each piece's count."""
