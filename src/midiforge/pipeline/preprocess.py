@@ -174,6 +174,9 @@ def process_batch(part: int, inputs: list[InputRef], dest_uri: str, storage: Sto
 
     batch, errors = read_pieces(units, settings.read)
     good = [u for u, e in enumerate(errors) if e is None]  # the unit of each piece of the batch
+    if len(errors) != len(units) or len(batch) != len(good):  # a reader bug: never pair pieces with wrong sources
+        raise MidiforgeError(f"batch {part}: the reader returned {len(batch)} pieces and {len(errors)} outcomes "
+                             f"for {len(units)} units ({len(good)} without error)")
     for u, e in enumerate(errors):
         if e is not None:
             entries[unit_entry[u]][3:] = ["failure", e.reason, e.detail]
@@ -209,6 +212,8 @@ def process_batch(part: int, inputs: list[InputRef], dest_uri: str, storage: Sto
         piece_table = write_table(dest, _piece_table_path(part, classic), pa.table(cols))
         piece_table["stats"] = _table_stats(rows["split"], rows["transpose"], rows["qpm"], n_tokens.tolist())
     # the journal is written last: its presence says the batch is complete
+    if any(e[3] is None for e in entries):  # every unit is a piece, a duplicate or a failure
+        raise MidiforgeError(f"batch {part}: a unit has no outcome")
     journal = {k: [e[i] for e in entries] for i, k in enumerate(JOURNAL_SCHEMA.names)}
     journal["detail"] = [d[:2000] for d in journal["detail"]]
     journal_table = pa.table(journal, schema=JOURNAL_SCHEMA)
