@@ -518,7 +518,7 @@ def read_pieces(units: list[tuple[str, bytes]], options: ReadOptions = ReadOptio
     fast = [i for i, (src, _) in enumerate(units) if options.parser == "symusic"
             and file_format(src.split("#", 1)[0]) == "midi" and units[i][1]]
     errors: list = [None] * len(units)
-    batch, fast_errors = _guarded(read_midi_batch, [units[i][1] for i in fast], options)
+    batch, fast_errors = _read_midi_guarded([units[i][1] for i in fast], options)
     for i, e in zip(fast, fast_errors):
         errors[i] = e
     if len(fast) == len(units):
@@ -537,16 +537,16 @@ def read_pieces(units: list[tuple[str, bytes]], options: ReadOptions = ReadOptio
     return batch.take(np.argsort(order, kind="stable")), errors
 
 
-def _guarded(read_batch, datas: list[bytes], options: ReadOptions):
-    """``read_batch(datas)``; if it raises anything but for one file, each file alone, so that the
-    exception is the failure of the file that caused it."""
+def _read_midi_guarded(datas: list[bytes], options: ReadOptions):
+    """:func:`read_midi_batch`; if it raises (it catches what one file raises, so only a bug can),
+    each file alone, so that the exception is the failure of the file that caused it."""
     try:
-        return read_batch(datas, options)
+        return read_midi_batch(datas, options)
     except Exception:
         pieces, errors = [], []
         for data in datas:
             try:
-                b, (e,) = read_batch([data], options)
+                b, (e,) = read_midi_batch([data], options)
             except Exception as exc:
                 b, e = None, PieceError("parser_error", f"{type(exc).__name__}: {exc}")
             errors.append(e)
