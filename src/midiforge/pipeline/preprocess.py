@@ -309,18 +309,46 @@ def _classic_texts(tok, batch: PieceBatch, pids: list[str]) -> tuple[list[list[s
 # -------------------------------------------------------------------------------------------
 # the driver
 # -------------------------------------------------------------------------------------------
-#: files per batch: a batch costs ~5 ms of its own (a Ray task, two Parquet files, fsyncs), which is
-#: ~20% of a batch of 32 MIDI files here but ~3% of one of 128; 1024 keeps a batch under a second or so
+#: files per batch: a batch costs ~5 ms of its own (a Ray task, two Parquet files and their fsyncs), which
+#: is ~20% of a batch of 32 MIDI files here but ~3% of one of 128; 1024 keeps a batch under a second or so
 MIN_BATCH, MAX_BATCH = 128, 1024
+#: batches per worker when the corpus is small enough for that to leave them under MAX_BATCH files: two,
+#: so that a worker that finishes early takes the next batch, and the per-batch cost is paid few times
+BATCHES_PER_WORKER = 2
+#: what a file costs beyond its bytes (opening, hashing, a row), in bytes of parsing: ~30 us against
+#: ~30 us per kB of MIDI here
+FILE_COST_BYTES = 1024
 
 
-def _batch_size(files: int, workers: int) -> int:
-    """About four batches per worker, of MIN_BATCH..MAX_BATCH files: the count rounded up to a multiple
-    of ``workers``, the files spread evenly over it, so that no tail of a handful of files is left (the
-    last batch may be a little smaller)."""
-    count = math.ceil(files / max(MIN_BATCH, min(MAX_BATCH, math.ceil(files / (workers * 4)))))
-    count = math.ceil(count / workers) * workers
-    return max(1, math.ceil(files / count))
+def _batch_count(files: int, workers: int) -> int:
+    """BATCHES_PER_WORKER batches per worker, of MIN_BATCH..MAX_BATCH files on average, their count a
+    multiple of ``workers`` (so that no worker is left idle with a tail batch running on another)."""
+    size = max(MIN_BATCH, min(MAX_BATCH, math.ceil(files / (workers * BATCHES_PER_WORKER))))
+    return max(1, math.ceil(math.ceil(files / size) / workers) * workers) if files else 0
+
+
+def _plan_batches(refs: list[InputRef], workers: int, batch_files: int | None = None) -> list[list[InputRef]]:
+    """``refs`` cut into batches: consecutive runs of :func:`_same_sizes_together`, each of about the
+    same work (bytes, plus FILE_COST_BYTES a file; a file of unknown size counts as the mean), and
+    none over MAX_BATCH files.  ``batch_files`` asks for runs of that many files instead."""
+    order = _same_sizes_together(refs)
+    if not order:
+        return []
+    if batch_files:
+        return [order[i:i + batch_files] for i in range(0, len(order), batch_files)]
+    known = [r.size for r in order if r.size >= 0]
+    mean = sum(known) / len(known) if known else 0
+    cost = np.cumsum([(r.size if r.size >= 0 else mean) + FILE_COST_BYTES for r in order])
+    count = _batch_count(len(order), workers)
+    # the k-th cut after the first file whose cumulative cost reaches k/count of the total
+    cuts = np.searchsorted(cost, cost[-1] * np.arange(1, count) / count, side="left") + 1
+    bounds = [0, *sorted(set(int(c) for c in cuts if 0 < c < len(order))), len(order)]
+    batches = []
+    for a, b in zip(bounds, bounds[1:]):
+        n = math.ceil((b - a) / MAX_BATCH)  # many small files in one stretch: split it evenly
+        step = math.ceil((b - a) / n)
+        batches.extend(order[i:min(i + step, b)] for i in range(a, b, step))
+    return batches
 
 
 def _same_sizes_together(refs: list[InputRef]) -> list[InputRef]:
@@ -414,9 +442,7 @@ def run_preprocess(src: str, dest_uri: str, settings: PreprocessSettings, *, res
         cpus = int(resources.get("CPU", 1))
         nodes = sum(1 for k in resources if k.startswith("node:") and k != "node:__internal_head__")
         workers = max(1, min(workers or cpus, cpus))
-        size = batch_files or _batch_size(len(todo), workers)
-        todo = _same_sizes_together(todo)
-        batches = [todo[i:i + size] for i in range(0, len(todo), size)]
+        batches = _plan_batches(todo, workers, batch_files)
         first = max(journals) + 1 if journals else 0
         task, in_flight = _batch_task(), workers * 2
         # Ray itself caps the tasks running at once by the CPUs they hold, so a second task per worker can
