@@ -66,7 +66,8 @@ class PreprocessSettings:
         return json.loads(json.dumps(d))  # the canonical JSON form, as saved
 
     def make_tokenizer(self):
-        return make_tokenizer(self.tokenizer, **self.tokenizer_settings)
+        """The tokenizer of these settings (one per process and settings: tokenizers are never changed in place)."""
+        return _tokenizer(self.tokenizer, json.dumps(self.tokenizer_settings, sort_keys=True))
 
 
 def split_of(piece_id: str, ratios: tuple[float, float, float]) -> str:
@@ -140,7 +141,7 @@ def process_batch(part: int, inputs: list[InputRef], dest_uri: str, storage: Sto
     """
     started = time.perf_counter()
     dest = open_store(dest_uri, storage)
-    tok = _tokenizer(settings.tokenizer, json.dumps(settings.tokenizer_settings, sort_keys=True))
+    tok = settings.make_tokenizer()
     classic = isinstance(tok, ClassicTokenizer)
     stores: dict[str, object] = {}
     # the journal, in input order: (input, source, piece_id, status, reason, detail); a unit to read
@@ -230,7 +231,7 @@ def process_batch(part: int, inputs: list[InputRef], dest_uri: str, storage: Sto
 
 @functools.lru_cache(maxsize=8)
 def _tokenizer(kind: str, settings_json: str):
-    """The tokenizer of a batch, made once per worker process (tokenizers are never changed in place)."""
+    """A tokenizer, made once per process and settings (building a vocabulary costs ~1 ms)."""
     return make_tokenizer(kind, **json.loads(settings_json))
 
 
@@ -535,7 +536,7 @@ def finalize(dest, settings: PreprocessSettings, *, src_count: int, started: flo
         write_table(dest, journals[part], t)
         return part, t, info
 
-    for part, t, info in map_parallel(rewrite, sorted(drops), max_workers=4):  # mostly waiting on storage
+    for part, t, info in map_parallel(rewrite, sorted(drops), max_workers=min(4, dest.transfers)):
         tables[part] = t
         known.pop(part, None)
         if info is not None:
@@ -565,7 +566,7 @@ def finalize(dest, settings: PreprocessSettings, *, src_count: int, started: flo
         return {**file_entry(rel, data), "rows": t.num_rows, "stats": stats}
 
     unknown = [p for p in piece_parts if p not in known]
-    known.update(zip(unknown, map_parallel(read_back, unknown, max_workers=4)))
+    known.update(zip(unknown, map_parallel(read_back, unknown, max_workers=min(4, dest.transfers))))
     shards, qpms, split_counts, rows_total, tokens_total = [], [], dict.fromkeys(SPLITS, 0), 0, 0
     for p in piece_parts:
         rel = f"shards/part-{p:05d}.parquet"
@@ -590,14 +591,14 @@ def finalize(dest, settings: PreprocessSettings, *, src_count: int, started: flo
     outputs = [("tokenizer.json", tok_bytes), ("failures.parquet", failures_t),
                ("inputs.parquet", journal_all.select(["input", "source", "piece_id", "status", "reason"]))]
 
-    def write(item):  # the three at once: most of a write is waiting on the disk or the network
+    def write(item):  # the three at once if the store gains by it
         name, what = item
         if isinstance(what, bytes):
             dest.write_bytes(name, what)
             return file_entry(name, what)
         return {k: v for k, v in write_table(dest, name, what).items() if k in ("path", "bytes", "sha256")}
 
-    files = map_parallel(write, outputs, max_workers=len(outputs))
+    files = map_parallel(write, outputs, max_workers=dest.transfers)
     files.extend({k: s[k] for k in ("path", "bytes", "sha256")} for s in shards)
     elapsed = time.time() - started
     n_inputs = len(status)

@@ -190,6 +190,7 @@ class S3Store(VerifiedReads):
     """A key prefix in an S3 bucket; paths are relative keys below it."""
 
     list_page_size = 1000  # keys per ListObjectsV2 page (S3's maximum)
+    transfers = 8  # requests at once: each mostly waits on the network
 
     def __init__(self, where: str, options: StorageOptions | None = None) -> None:
         self.options = options or StorageOptions()

@@ -52,6 +52,9 @@ class Store(Protocol):
     """What every stage may do with its input or output location."""
 
     uri: str
+    #: how many transfers at once pay off (for map_parallel): one on a local disk, where a small write
+    #: takes less time than starting a thread; several over a network, where most of it is waiting
+    transfers: int
 
     def url(self, rel: str) -> str: ...
     def read_bytes(self, rel: str) -> bytes: ...
@@ -130,6 +133,8 @@ class VerifiedReads:
 
 class LocalStore(VerifiedReads):
     """A directory on a local (or shared, e.g. NFS) file system."""
+
+    transfers = 1
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
