@@ -2,9 +2,10 @@
  * zpp_bits layout described in readers.py) of a whole batch into note columns, in two passes:
  *
  *   scan(states, first_only, max_notes, meta)   -> notes to keep in all; meta: one row of META ints a file
- *   fill(states, first_only, meta, time, duration, pitch, velocity, program, track, facts)
- *        -> the kept notes of every file still OK (int64 time/duration, int16 the rest) and per piece
- *           (qpm, seconds, end tick) as float64
+ *   fill(states, first_only, meta, start, duration, pitch, velocity, program, track, facts)
+ *        -> the kept notes of every file still OK (float64 start/duration in quarters, ticks times
+ *           1.0/tpq exactly as NumPy computes them; int16 the rest) and per piece (qpm, seconds,
+ *           end tick) as float64
  *
  * Python checks each file's scanned ticks_per_quarter, track and note counts against its Score
  * between the two passes and sets the status of a file that does not agree to LAYOUT (the file is
@@ -199,7 +200,7 @@ static PyObject *fill(PyObject *self, PyObject *args) {
     for (Py_ssize_t i = 0; i < s.n; i++)
         if (meta[i * META + M_STATUS] == OK) { total += meta[i * META + M_KEPT]; pieces++; }
     const Py_ssize_t sizes[7] = {8, 8, 2, 2, 2, 2, 8};
-    const char *names[7] = {"time", "duration", "pitch", "velocity", "program", "track", "facts"};
+    const char *names[7] = {"start", "duration", "pitch", "velocity", "program", "track", "facts"};
     for (int k = 0; k < 7; k++)
         if (get_out(o[k], &v[k], k == 6 ? pieces * 3 : total, sizes[k], names[k]) < 0) {
             for (int j = 0; j < k; j++) PyBuffer_Release(&v[j]);
@@ -207,7 +208,7 @@ static PyObject *fill(PyObject *self, PyObject *args) {
             release_states(&s);
             return NULL;
         }
-    int64_t *time = v[0].buf, *dur = v[1].buf;
+    double *start_q = v[0].buf, *dur_q = v[1].buf;  /* in quarters: ticks * (1.0 / tpq), as NumPy computes it */
     int16_t *pitch = v[2].buf, *vel = v[3].buf, *prog = v[4].buf, *track = v[5].buf;
     double *facts = v[6].buf;  /* per piece: qpm, seconds, end tick */
     int err = 0;
@@ -221,6 +222,7 @@ static PyObject *fill(PyObject *self, PyObject *args) {
         if (layout(p, s.views[i].len, &l) < 0) { err = 1; break; }
         int first_program = -1;
         int64_t end_tick = 0, start = w;
+        const double scale = 1.0 / (double)m[M_TPQ];
         for (uint32_t t = 0; t < l.n_tracks; t++) {
             if (!keep(&l, t, first_only, &first_program)) continue;
             const Track *tr = &l.tracks[t];
@@ -230,8 +232,8 @@ static PyObject *fill(PyObject *self, PyObject *args) {
                 int32_t nt, nd;
                 memcpy(&nt, note, 4);
                 memcpy(&nd, note + 4, 4);
-                time[w] = nt;
-                dur[w] = nd;
+                start_q[w] = (double)nt * scale;
+                dur_q[w] = (double)nd * scale;
                 pitch[w] = (int8_t)note[8];
                 vel[w] = (int8_t)note[9];
                 prog[w] = program;

@@ -317,14 +317,13 @@ def _native_batch(parsed: list, options: ReadOptions, errors: list) -> tuple[Pie
     ok = meta[:, _M_STATUS] == _OK
     lengths = meta[ok, _M_KEPT]
     total = int(lengths.sum())
-    cols = [np.empty(total, np.int64), np.empty(total, np.int64)] + [np.empty(total, np.int16) for _ in range(4)]
+    cols = [np.empty(total, np.float64), np.empty(total, np.float64)] + [np.empty(total, np.int16) for _ in range(4)]
     facts = np.empty((int(ok.sum()), 3), dtype=np.float64)
     _native_midi.fill(states, int(options.tracks == "first"), meta, *cols, facts)
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    scale = np.repeat(1.0 / meta[ok, _M_TPQ], lengths)
-    time, dur, pitch, vel, prog, track = cols
-    batch = PieceBatch(pitch, time * scale, dur * scale, vel, prog, track, offsets, facts[:, 0].copy(),
+    start, dur, pitch, vel, prog, track = cols
+    batch = PieceBatch(pitch, start, dur, vel, prog, track, offsets, facts[:, 0].copy(),
                        facts[:, 1].copy(), meta[ok][:, [_M_TS_NUM, _M_TS_DEN]].copy())
     return batch, facts[:, 2].astype(np.int64), [i for (i, _, _), k in zip(parsed, ok) if k], left
 
