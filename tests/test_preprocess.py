@@ -141,6 +141,11 @@ def test_existing_dest_needs_resume_and_same_settings(tmp_path, ray_local):
                        resume=True, progress=False)
     with pytest.raises(MidiforgeError, match="no such folder"):
         run_preprocess(str(tmp_path / "missing"), str(tmp_path / "e"), PreprocessSettings(), progress=False)
+    journal = tmp_path / "d" / "_work" / "part-00000.json"
+    assert json.loads(journal.read_text())["source"] == ["a.mid"]
+    journal.write_bytes(b'{"input": ["a.mid"], "sou')  # damaged outside midiforge (journals are written atomically)
+    with pytest.raises(MidiforgeError, match=r"part-00000\.json: not a readable batch journal"):
+        run_preprocess(str(src), str(tmp_path / "d"), PreprocessSettings(), resume=True, progress=False)
 
 
 def _cli(*args: str) -> list[str]:
@@ -157,14 +162,14 @@ def test_resume_after_kill_equals_a_clean_run(tmp_path, ray_local):
     deadline = time.monotonic() + 120
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            if len(list((dest / "_work").glob("part-*.parquet"))) >= 3:
+            if len(list((dest / "_work").glob("part-*.json"))) >= 3:
                 break
             time.sleep(0.02)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
     assert not (dest / "manifest.json").exists(), "the run finished before it could be killed"
-    done_before = len(list((dest / "_work").glob("part-*.parquet")))
+    done_before = len(list((dest / "_work").glob("part-*.json")))
     assert done_before >= 3
     resumed = run_preprocess(str(src), str(dest), PreprocessSettings(), resume=True, batch_files=64, progress=False)
     clean = run_preprocess(str(src), str(tmp_path / "clean"), PreprocessSettings(), batch_files=64, progress=False)

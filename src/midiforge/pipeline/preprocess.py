@@ -217,8 +217,7 @@ def process_batch(part: int, inputs: list[InputRef], dest_uri: str, storage: Sto
         raise MidiforgeError(f"batch {part}: a unit has no outcome")
     journal = {k: [e[i] for e in entries] for i, k in enumerate(JOURNAL_SCHEMA.names)}
     journal["detail"] = [d[:2000] for d in journal["detail"]]
-    journal_table = pa.table(journal, schema=JOURNAL_SCHEMA)
-    write_table(dest, f"{WORK}/part-{part:05d}.parquet", journal_table)
+    _write_journal(dest, _journal_path(part), journal)
     status = journal["status"]
     return {
         "part": part, "files": len(inputs), "units": len(status),
@@ -385,11 +384,33 @@ def _process_packed(part: int, packed, dest_uri: str, storage: StorageOptions, s
     return process_batch(part, [InputRef(src, roots[i], key) for src, i, key in rows], dest_uri, storage, settings)
 
 
+# a batch's journal: {column of JOURNAL_SCHEMA: values}, as JSON (a Parquet file costs ~1 ms of its own
+# to write, and journals are only read back by a run that resumes)
+def _journal_path(part: int) -> str:
+    return f"{WORK}/part-{part:05d}.json"
+
+
+def _write_journal(dest, rel: str, journal: dict) -> None:
+    dest.write_bytes(rel, json.dumps(journal, separators=(",", ":")).encode())
+
+
+def _read_journal(dest, rel: str) -> dict:
+    try:
+        journal = json.loads(dest.read_bytes(rel))
+        if not isinstance(journal, dict) or sorted(journal) != sorted(JOURNAL_SCHEMA.names):
+            raise ValueError(f"columns {sorted(journal) if isinstance(journal, dict) else type(journal).__name__}")
+        if len({len(v) for v in journal.values()}) != 1:
+            raise ValueError("columns of different lengths")
+    except ValueError as exc:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise MidiforgeError(f"{dest.url(rel)}: not a readable batch journal ({exc}); delete it to redo its batch") from None
+    return journal
+
+
 def _journal_parts(dest) -> dict[int, str]:
     out = {}
     for o in dest.list(f"{WORK}/"):
         name = o.path.rsplit("/", 1)[-1]
-        if name.startswith("part-") and name.endswith(".parquet"):
+        if name.startswith("part-") and name.endswith(".json"):
             out[int(name[5:10])] = o.path
     return out
 
@@ -423,7 +444,7 @@ def run_preprocess(src: str, dest_uri: str, settings: PreprocessSettings, *, res
     journals = _journal_parts(dest)
     done: set[str] = set()
     for rel in journals.values():
-        done.update(read_table(dest, rel, ["input"]).column("input").to_pylist())
+        done.update(_read_journal(dest, rel)["input"])
     # piece tables without a journal are leftovers of a killed batch: their inputs run again
     for prefix, folder in (("part-", "shards/"), ("raw-", f"{WORK}/")):
         for o in dest.list(folder):
@@ -505,7 +526,7 @@ def finalize(dest, settings: PreprocessSettings, *, src_count: int, started: flo
     tok = settings.make_tokenizer()
     classic = isinstance(tok, ClassicTokenizer)
     journals = _journal_parts(dest)
-    tables = {p: pa.table(known_journals[p], schema=JOURNAL_SCHEMA) if p in known_journals else read_table(dest, rel)
+    tables = {p: pa.table(known_journals[p] if p in known_journals else _read_journal(dest, rel), schema=JOURNAL_SCHEMA)
               for p, rel in journals.items()}
     # duplicates across batches: the copy with the smallest source is the piece, wherever it was read
     keeper: dict[str, tuple[str, int]] = {}
@@ -533,7 +554,7 @@ def finalize(dest, settings: PreprocessSettings, *, src_count: int, started: flo
         if not classic:  # its stats from the table in hand (a classic shard is rewritten below anyway)
             info = {**entry, "stats": _table_stats(*(pt[k].to_pylist() for k in ("split", "transpose", "qpm", "n_tokens")))}
         t = t.set_column(t.schema.get_field_index("status"), "status", pa.array(new_status))
-        write_table(dest, journals[part], t)
+        _write_journal(dest, journals[part], t.to_pydict())
         return part, t, info
 
     for part, t, info in map_parallel(rewrite, sorted(drops), max_workers=min(4, dest.transfers)):
