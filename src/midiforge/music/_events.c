@@ -44,6 +44,13 @@ static void sort_keys(int64_t *a, int64_t *tmp, int64_t *bounds, int64_t n) {
     if (src != a) memcpy(a, src, sizeof(int64_t) * n);
 }
 
+/* bits that hold every value below n (n >= 1) */
+static int bits_for(int64_t n) {
+    int b = 0;
+    while (b < 62 && (INT64_C(1) << b) < n) b++;
+    return b;
+}
+
 typedef struct { int32_t *buf; int64_t len, cap; } Out;
 
 static int grow(Out *o, int64_t need) {
@@ -112,7 +119,11 @@ static PyObject *encode(PyObject *self, PyObject *args) {
     int64_t *keys = PyMem_RawMalloc(sizeof(int64_t) * (3 * longest + 1));
     Out out = {NULL, 0, 0};
     int code = keys ? 0 : -1;  /* 0 ok, -1 no memory, 1 fall back to NumPy */
-    const int64_t VB = vel_bins > 0 ? vel_bins : 1, D = max_dur + 1, PP = 129 * 128;
+    /* the packed key: onset | program (8 bits) | pitch (7) | duration steps | velocity bin, each field in
+     * bits of its own, so that keys sort as (onset, program, pitch, duration, velocity) tuples do and
+     * unpack with shifts and masks (no 64-bit divisions) */
+    const int VBB = bits_for(vel_bins > 0 ? vel_bins : 1), DB = bits_for(max_dur + 1);
+    const int PITCH_AT = VBB + DB, PROG_AT = PITCH_AT + 7, ON_AT = PROG_AT + 8;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t p = 0; p < n_pieces && code == 0; p++) {
         int64_t m = 0;
@@ -130,11 +141,11 @@ static PyObject *encode(PyObject *self, PyObject *args) {
                 vb = (vv - 1) * vel_bins / 127;
                 if (vb > vel_bins - 1) vb = vel_bins - 1;
             }
-            if (pitch[i] < 0 || pitch[i] > 127 || prog < 0 || prog > 128 || on > ((INT64_C(1) << 62) / (PP * D * VB)) - 1) {
+            if (pitch[i] < 0 || pitch[i] > 127 || prog < 0 || prog > 128 || ON_AT > 40 || on >= (INT64_C(1) << (62 - ON_AT))) {
                 code = 1;
                 break;
             }
-            keys[m++] = ((on * PP + prog * 128 + pitch[i]) * D + d) * VB + vb;
+            keys[m++] = (on << ON_AT) | (prog << PROG_AT) | ((int64_t)pitch[i] << PITCH_AT) | (d << VBB) | vb;
         }
         if (code) break;
         sort_keys(keys, keys + longest, keys + 2 * longest, m);
@@ -147,11 +158,8 @@ static PyObject *encode(PyObject *self, PyObject *args) {
         int64_t prev_on = 0, prev_bar = -1, prev_prog = -1, prev_vel = -1;
         for (int64_t i = 0; i < m; i++) {
             int64_t key = keys[i];
-            int64_t vb = key % VB, rest_k = key / VB;
-            int64_t d = rest_k % D;
-            rest_k /= D;
-            int64_t pp = rest_k % PP, on = rest_k / PP;
-            int64_t prog = pp / 128, pit = pp % 128;
+            int64_t vb = key & ((INT64_C(1) << VBB) - 1), d = (key >> VBB) & ((INT64_C(1) << DB) - 1);
+            int64_t pit = (key >> PITCH_AT) & 127, prog = (key >> PROG_AT) & 255, on = key >> ON_AT;
             int first = (i == 0);
             int64_t rest = on - prev_on;
             if (r.bars) {
