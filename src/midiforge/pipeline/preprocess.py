@@ -15,6 +15,7 @@ import statistics
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -38,10 +39,10 @@ JOURNAL_SCHEMA = pa.schema([
 ])
 
 
-@dataclass(frozen=True)
-class InputRef:
+class InputRef(NamedTuple):
     """One input file: ``source`` is its name relative to SRC; ``key`` its path in store ``root``;
-    ``size`` its bytes as listed (-1: not known, e.g. from a list file)."""
+    ``size`` its bytes as listed (-1: not known, e.g. from a list file).  A named tuple: a listing
+    makes one per file."""
 
     source: str
     root: str

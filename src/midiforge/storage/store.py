@@ -11,7 +11,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable, Iterator, Protocol, TypeVar
+from typing import Callable, Iterable, Iterator, NamedTuple, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from midiforge.errors import MidiforgeError
@@ -42,8 +42,9 @@ class StorageOptions:
     max_concurrency: int = 8
 
 
-@dataclass(frozen=True)
-class ObjectInfo:
+class ObjectInfo(NamedTuple):
+    """One object of a listing (a named tuple: a listing makes one per file, ~5x faster than a frozen dataclass)."""
+
     path: str   # relative to the store's root
     size: int
 
