@@ -13,8 +13,10 @@ Prints one JSON object.  On the same MIDI files of CORPUS, in the same run:
 * ``end_to_end``: the real stage, :func:`run_preprocess` into a fresh DEST, with one worker
   and with every core, on a local Ray started (and warmed up) before timing, its worker processes
   up before every timed run (:func:`warm_workers`); the Ray start-up is reported apart.
-  files/s = input files / wall seconds of ``run_preprocess``; tokens from
-  its manifest.
+  files/s = input files / wall seconds of ``run_preprocess``; tokens, and where the time went
+  (the manifest's ``timing``), from its manifest.  ``two_workers_vs_one_ceiling`` (Amdahl) is what
+  two workers could give in this run if the batches phase of the one-worker run went as much faster
+  as two plain processes did and the driver's serial part (listing, setup, finalize) stayed.
 * ``miditok_tsd``: MidiTok's TSD tokenizer on every file (symusic Score from the bytes, then
   ``tokenizer.encode``), with velocities and tempos like the events tokenizer.
 * ``music21_tutorial``: the Keras tutorial's loop on a seeded sample of files
@@ -145,29 +147,17 @@ def warm_workers(files: list[str], settings, workers: int) -> None:
 
 
 def end_to_end(src: str, settings, workers: int) -> dict:
-    """run_preprocess into a fresh DEST; finalize (the driver's serial part) timed apart."""
-    from midiforge.pipeline import preprocess
-
-    finalize = preprocess.finalize
-    timing = {}
-
-    def timed_finalize(*a, **kw):  # instrumentation only: the stage calls the module's finalize
-        t = time.perf_counter()
-        try:
-            return finalize(*a, **kw)
-        finally:
-            timing["finalize"] = time.perf_counter() - t
+    """run_preprocess into a fresh DEST; where its time went from the manifest's ``timing``."""
+    from midiforge.pipeline.preprocess import run_preprocess
 
     dest = tempfile.mkdtemp(prefix="mf-bench-e2e-")
-    preprocess.finalize = timed_finalize
     try:
         t = time.perf_counter()
-        m = preprocess.run_preprocess(src, os.path.join(dest, "out"), settings, workers=workers, progress=False)
+        m = run_preprocess(src, os.path.join(dest, "out"), settings, workers=workers, progress=False)
         seconds = time.perf_counter() - t
     finally:
-        preprocess.finalize = finalize
         shutil.rmtree(dest, ignore_errors=True)
-    return {"seconds": seconds, "finalize_seconds": round(timing["finalize"], 4), "input_files": m["input_files"],
+    return {"seconds": seconds, "timing": m["timing"], "input_files": m["input_files"],
             "pieces": m["pieces"], "duplicates": m["duplicates"], "failures": m["failures"],
             "tokens": m["tokens"], "shards": len(m["shards"])}
 
@@ -272,6 +262,15 @@ def _ratios(result: dict) -> tuple[dict, dict]:
         most_p = max(ep, key=lambda k: int(k.split("_")[1]))
         ratios[f"machine_{most_p}_vs_one_no_ray"] = round(
             ep[most_p]["files_per_second"] / ep["processes_1"]["files_per_second"], 3)
+    if one and "machine_processes_2_vs_one_no_ray" in ratios:
+        # Amdahl: what two workers could give in this run if the batches phase of the best one-worker run
+        # (planning, the Ray tasks, the waits for their results) went as much faster as two plain
+        # processes did, and the rest (listing, setup, finalize, the manifest) stayed as it was
+        run = e2e["workers_1"]
+        parallel = run["timing"]["batches"]
+        ratios["two_workers_vs_one_ceiling"] = round(
+            run["seconds"] / (run["seconds"] - parallel + parallel / ratios["machine_processes_2_vs_one_no_ray"]), 3)
+        ratios["single_worker_serial_fraction"] = round(1 - parallel / run["seconds"], 3)
     if one and "music21_tutorial" in result:
         ratios["single_worker_vs_music21_tutorial"] = round(one / result["music21_tutorial"]["files_per_second"], 1)
     met = {name: ratios[name] >= target for name, target in TARGETS.items() if name in ratios}

@@ -92,6 +92,10 @@ def test_every_input_is_accounted_for(tmp_path, ray_local):
     assert m["inputs"] == len(expected) == m["input_files"]
     assert m["inputs"] == m["pieces"] + m["duplicates"] + m["failures"]
     assert m["pieces"] == 4 and m["duplicates"] == 2
+    timing, phases = m["timing"], ("listing", "setup", "ray_start", "batches", "finalize")
+    assert set(timing) == {*phases, "batch_busy", "batch_count"}
+    assert timing["batch_count"] == -(-m["input_files"] // 3) and 0 < timing["batch_busy"]
+    assert 0 < sum(timing[k] for k in phases) <= m["seconds"] + 0.01
     failures = dict(_failures(dest))
     assert failures == {k: v for k, v in expected.items() if v not in ("piece", "duplicate")}
     assert set(failures.values()) <= set(FAILURE_REASONS)

@@ -424,12 +424,14 @@ def run_preprocess(src: str, dest_uri: str, settings: PreprocessSettings, *, res
 
     storage = storage or StorageOptions()
     started = time.time()
+    clock = _Clock()
     dest = open_store(dest_uri, storage)
     settings.make_tokenizer()  # bad tokenizer settings fail here, before any work
     if abs(sum(settings.splits) - 1.0) > 1e-6 or min(settings.splits) < 0:
         raise MidiforgeError(f"--split ratios must be >= 0 and sum to 1, got {settings.splits}")
 
     refs = sample_inputs(list_inputs(src, storage), settings.sample, settings.seed)
+    clock.lap("listing")
     settings_doc = {"src": src, "settings": settings.identity()}
     existing = dest.exists(f"{WORK}/settings.json") or dest.exists("manifest.json")
     if existing and not resume:
@@ -458,10 +460,12 @@ def run_preprocess(src: str, dest_uri: str, settings: PreprocessSettings, *, res
         return read_manifest(dest)
     if todo:
         dest.delete("manifest.json")  # the stage is incomplete again until it finishes
+    clock.lap("setup")
 
     if todo:
         start_ray(address, workers)
         resources = ray.cluster_resources()
+        clock.lap("ray_start")
         cpus = int(resources.get("CPU", 1))
         nodes = sum(1 for k in resources if k.startswith("node:") and k != "node:__internal_head__")
         workers = max(1, min(workers or cpus, cpus))
@@ -501,9 +505,33 @@ def run_preprocess(src: str, dest_uri: str, settings: PreprocessSettings, *, res
         bar.close()
         known = {r["part"]: r["table"] for r in results if r["table"] is not None}
         known_journals = {r["part"]: r["journal"] for r in results}
+        clock.lap("batches")
+        clock.add("batch_busy", sum(r["seconds"] for r in results))
+        clock.add("batch_count", len(results))
     else:
         known, known_journals = {}, {}
-    return finalize(dest, settings, src_count=len(refs), started=started, known=known, known_journals=known_journals)
+    return finalize(dest, settings, src_count=len(refs), started=started, known=known, known_journals=known_journals,
+                    clock=clock)
+
+
+class _Clock:
+    """Where the driver's time went, for the manifest's ``timing``: seconds per phase (laps of the
+    driver's clock), plus what the phases do not show (the workers' busy seconds, summed)."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases[phase] = self.phases.get(phase, 0.0) + now - self._last
+        self._last = now
+
+    def add(self, key: str, value: float) -> None:
+        self.phases[key] = value
+
+    def as_dict(self) -> dict:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.phases.items()}
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -514,13 +542,15 @@ def _progress(total: int, initial: int, enabled: bool):
 
 
 def finalize(dest, settings: PreprocessSettings, *, src_count: int, started: float,
-             known: dict[int, dict] | None = None, known_journals: dict[int, dict] | None = None) -> dict:
+             known: dict[int, dict] | None = None, known_journals: dict[int, dict] | None = None,
+             clock: _Clock | None = None) -> dict:
     """Resolve duplicates across batches, build the classic vocabulary, write the outputs and the manifest.
 
     ``known`` maps a part to what its task reported of the shard it wrote ({path, rows, bytes, sha256,
     stats}), ``known_journals`` to the journal it wrote ({column: values}); parts not in them, or
     rewritten here, are read back once.
     """
+    clock = clock or _Clock()
     known = dict(known or {})
     known_journals = known_journals or {}
     dest.delete("manifest.json")  # whatever happens below, no manifest may name an object being rewritten
@@ -623,6 +653,7 @@ def finalize(dest, settings: PreprocessSettings, *, src_count: int, started: flo
     files = map_parallel(write, outputs, max_workers=dest.transfers)
     files.extend({k: s[k] for k in ("path", "bytes", "sha256")} for s in shards)
     elapsed = time.time() - started
+    clock.lap("finalize")
     n_inputs = len(status)
     manifest = {
         "stage": "preprocess",
@@ -645,6 +676,9 @@ def finalize(dest, settings: PreprocessSettings, *, src_count: int, started: flo
         "seconds": round(elapsed, 3),
         "files_per_second": round(src_count / elapsed, 3) if elapsed > 0 else None,
         "tokens_per_second": round(tokens_total / elapsed, 1) if elapsed > 0 else None,
+        # seconds of this run's phases (listing, setup, ray_start, batches, finalize: the manifest's own
+        # write is not in it) and the workers' busy seconds, summed over them (batch_busy)
+        "timing": clock.as_dict(),
     }
     assert manifest["inputs"] == manifest["pieces"] + manifest["duplicates"] + manifest["failures"]
     write_manifest(dest, manifest)
