@@ -22,6 +22,10 @@ Prints one JSON object.  On the same MIDI files of CORPUS, in the same run:
 * ``music21_tutorial``: the Keras tutorial's loop on a seeded sample of files
   (``converter.parse`` + ``partitionByInstrument`` + the Note/Chord loop).
 
+``--copies K`` measures the same on a corpus K times larger made of the same music (each file and
+its transpositions by +1, -1, +2, ... semitones, distinct files): how the stage scales once its
+fixed costs are spread.  The issue's targets are on the corpora themselves (K = 1).
+
 The machine is shared, so the measurements are interleaved: each of ``--repeats`` rounds runs
 every measurement once (MidiTok in the first ``--miditok-repeats`` rounds and the tutorial loop in
 the first ``--tutorial-repeats``: they take seconds where the others take tenths), and
@@ -233,6 +237,34 @@ def music21_tutorial(paths: list[str]) -> dict:
     return {"seconds": time.perf_counter() - t, "tokens": len(notes)}
 
 
+def transposed_copies(corpus: str, out: str, copies: int) -> str:
+    """``copies`` versions of every MIDI file of ``corpus`` in ``out``: the file itself, then the file
+    transposed by +1, -1, +2, -2, ... semitones (symusic), each a distinct file (its own sha256).  A
+    transposition that would take a note out of 0..127 is left out."""
+    import symusic
+
+    from midiforge.music.readers import MIDI_SUFFIXES
+
+    os.makedirs(out, exist_ok=True)
+    shifts = [0] + [k * sign for k in range(1, copies) for sign in (1, -1)][:copies - 1]
+    for name in sorted(os.listdir(corpus)):
+        if not name.lower().endswith(MIDI_SUFFIXES):
+            continue
+        with open(os.path.join(corpus, name), "rb") as fh:
+            data = fh.read()
+        score = symusic.Score.from_midi(data)
+        pitches = [t.notes.numpy()["pitch"] for t in score.tracks if t.note_num()]
+        low = min((int(p.min()) for p in pitches), default=60)
+        high = max((int(p.max()) for p in pitches), default=60)
+        stem = os.path.splitext(name)[0]
+        for k in shifts:
+            if low + k < 0 or high + k > 127:
+                continue
+            with open(os.path.join(out, f"{stem}~{k:+d}.mid"), "wb") as fh:
+                fh.write(data if k == 0 else score.shift_pitch(k).dumps_midi())
+    return out
+
+
 # -------------------------------------------------------------------------------------------
 # the run
 # -------------------------------------------------------------------------------------------
@@ -286,6 +318,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--miditok-repeats", type=int, default=3, help="rounds that run MidiTok")
     p.add_argument("--seed", type=int, default=0, help="for the tutorial's sample")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="'all cores' (default: os.cpu_count())")
+    p.add_argument("--copies", type=int, default=1,
+                   help="K > 1: measure on K distinct versions of every file instead (the file, then transposed by "
+                        "+1, -1, +2, -2, ... semitones), written to a scratch folder: the same music as a corpus K "
+                        "times larger, to see how the stage scales once its fixed costs are spread")
     p.add_argument("--skip", action="append", default=[],
                    choices=("raw", "engine", "end_to_end", "miditok", "music21"), help="leave a measurement out")
     args = p.parse_args(argv)
@@ -295,7 +331,10 @@ def main(argv: list[str] | None = None) -> int:
     from midiforge.pipeline.ray_runtime import start_ray
 
     load_start = _load()
-    corpus = os.path.abspath(args.corpus)
+    original = corpus = os.path.abspath(args.corpus)
+    scratch = tempfile.mkdtemp(prefix="mf-bench-")
+    if args.copies > 1:
+        corpus = transposed_copies(original, os.path.join(scratch, "corpus"), args.copies)
     all_refs = list_inputs(corpus)
     refs = [r for r in all_refs if r.source.lower().endswith(MIDI_SUFFIXES)]
     if not refs:
@@ -305,10 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = PreprocessSettings()
     n = min(args.tutorial_sample, len(paths))
     sample = [paths[i] for i in sorted(np.random.default_rng(args.seed).choice(len(paths), size=n, replace=False))]
-    scratch = tempfile.mkdtemp(prefix="mf-bench-")
     pool = None  # plain processes for engine_processes
     result: dict = {
-        "benchmark": "preprocess", "corpus": corpus, "files": len(refs),
+        "benchmark": "preprocess", "corpus": original, "copies": args.copies, "files": len(refs),
         "bytes": int(sum(os.path.getsize(x) for x in paths)),
         "settings": {"tokenizer": settings.tokenizer, "parser": settings.read.parser,
                      "tracks": settings.read.tracks, "transpose": list(settings.transpose),

@@ -400,8 +400,8 @@ def _read_journal(dest, rel: str) -> dict:
         journal = json.loads(dest.read_bytes(rel))
         if not isinstance(journal, dict) or sorted(journal) != sorted(JOURNAL_SCHEMA.names):
             raise ValueError(f"columns {sorted(journal) if isinstance(journal, dict) else type(journal).__name__}")
-        if len({len(v) for v in journal.values()}) != 1:
-            raise ValueError("columns of different lengths")
+        if not all(isinstance(v, list) for v in journal.values()) or len({len(v) for v in journal.values()}) != 1:
+            raise ValueError("columns that are not lists of one length")
     except ValueError as exc:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise MidiforgeError(f"{dest.url(rel)}: not a readable batch journal ({exc}); delete it to redo its batch") from None
     return journal
