@@ -766,7 +766,8 @@ def main(args) -> int:
     manifest = run_preprocess(args.src, args.dest, settings, resume=args.resume, workers=args.workers,
                               batch_files=args.batch_files, address=args.address,
                               storage=options_from_args(args), progress=not args.no_progress)
-    print(json.dumps({k: manifest[k] for k in ("inputs", "pieces", "duplicates", "failures", "failure_reasons",
-                                               "rows", "tokens", "tokenizer", "seconds", "files_per_second")}))
+    shown = ("inputs", "pieces", "duplicates", "failures", "failure_reasons", "rows", "tokens", "tokenizer", "seconds",
+             "files_per_second", "timing")  # timing: not in the manifest of a run from before it existed
+    print(json.dumps({k: manifest[k] for k in shown if k in manifest}))
     print(f"shards: {open_store(args.dest).url('shards/')}")
     return 0
