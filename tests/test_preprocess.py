@@ -122,15 +122,36 @@ def test_every_input_is_accounted_for(tmp_path, ray_local):
     assert tok.id == m["tokenizer"] and all(r["tokenizer"] == tok.id for r in pq.read_table(dest / "shards" / "part-00000.parquet").to_pylist())
 
 
-def test_duplicates_resolve_the_same_whatever_the_batching(tmp_path, ray_local):
+@pytest.mark.parametrize("tokenizer", ["events", "classic"])
+def test_duplicates_resolve_the_same_whatever_the_batching(tmp_path, ray_local, tokenizer):
     src = tmp_path / "src"
     _hostile_folder(src)
-    a = run_preprocess(str(src), str(tmp_path / "a"), PreprocessSettings(), batch_files=1, progress=False)
-    b = run_preprocess(str(src), str(tmp_path / "b"), PreprocessSettings(), batch_files=50, progress=False)
+    settings = PreprocessSettings(tokenizer=tokenizer)
+    a = run_preprocess(str(src), str(tmp_path / "a"), settings, batch_files=1, progress=False)
+    b = run_preprocess(str(src), str(tmp_path / "b"), settings, batch_files=50, progress=False)
+    assert a["duplicates"] == 2  # the copy in another batch: its shard rewritten by finalize in run a
     assert _rows(tmp_path / "a") == _rows(tmp_path / "b")
     assert _failures(tmp_path / "a") == _failures(tmp_path / "b")
-    assert {k: a[k] for k in ("pieces", "duplicates", "failures", "tokens")} == \
-        {k: b[k] for k in ("pieces", "duplicates", "failures", "tokens")}
+    assert {k: a[k] for k in ("pieces", "duplicates", "failures", "tokens", "rows", "splits")} == \
+        {k: b[k] for k in ("pieces", "duplicates", "failures", "tokens", "rows", "splits")}
+    for dest, m in ((tmp_path / "a", a), (tmp_path / "b", b)):  # the shard entries are those of the files written
+        assert verify_store(open_store(str(dest))).ok
+        assert [s["rows"] for s in m["shards"]] == [pq.read_metadata(dest / s["path"]).num_rows for s in m["shards"]]
+
+
+def test_an_input_without_an_outcome_stops_finalize(tmp_path, ray_local):
+    from midiforge.pipeline.preprocess import finalize
+
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(midi_files("ff")[0], src / "a.mid")
+    m = run_preprocess(str(src), str(tmp_path / "d"), PreprocessSettings(), progress=False)
+    dest = open_store(str(tmp_path / "d"))
+    again = finalize(dest, PreprocessSettings(), src_count=1, started=time.time(), expected_inputs={"a.mid"})
+    assert {k: again[k] for k in ("inputs", "pieces", "shards")} == {k: m[k] for k in ("inputs", "pieces", "shards")}
+    with pytest.raises(MidiforgeError, match=r"1 inputs have no outcome in any batch journal .*'b\.mid'"):
+        finalize(dest, PreprocessSettings(), src_count=2, started=time.time(), expected_inputs={"a.mid", "b.mid"})
+    assert not (tmp_path / "d" / "manifest.json").exists()  # no manifest for an incomplete run
 
 
 def test_existing_dest_needs_resume_and_same_settings(tmp_path, ray_local):
