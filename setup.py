@@ -2,7 +2,7 @@
 
 Both extensions are optional: where they cannot be built (no C compiler), the install goes on and
 midiforge uses its Python/NumPy code for the same steps, which gives the same results
-(tests/test_native.py): _events is the emission step of the events tokenizer, _midi the bulk step
+(tests/test_native.py): _events is the events tokenizer's encode_batch, _midi the bulk step
 of the batch MIDI reader."""
 from setuptools import Extension, setup
 

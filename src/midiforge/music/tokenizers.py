@@ -15,7 +15,7 @@ import numpy as np
 from midiforge.errors import MidiforgeError
 from midiforge.music.piece import DRUM_PROGRAM, Piece, PieceBatch
 
-try:  # the compiled emission step of EventsTokenizer (optional: the NumPy code does the same, slower)
+try:  # EventsTokenizer.encode_batch compiled (optional: the NumPy code does the same, slower)
     from midiforge.music import _events as _native
 except ImportError:  # not built (no C compiler when installed): the NumPy path
     _native = None
@@ -166,8 +166,8 @@ class EventsTokenizer:
         return float(np.sqrt(e[b] * e[b + 1])) if e is not None and b >= 0 else 120.0
 
     def bar_steps(self, time_signature: tuple[int, int]) -> int:
-        num, den = time_signature
-        return max(1, int(round(num * 4 * self.config.steps_per_quarter / den)))
+        """Grid steps in a bar of ``time_signature`` (numerator, denominator)."""
+        return int(self._bar_steps(np.array([time_signature], dtype=np.int64))[0])
 
     # -- encode -----------------------------------------------------------------------------
     def _grid(self, start, duration, pitch, velocity, program):
@@ -193,8 +193,9 @@ class EventsTokenizer:
         """Token ids of ``piece``, BOS ... EOS, as int32."""
         return self.encode_many([piece])[0]
 
-    #: notes per vectorized pass of encode_batch: enough to amortize NumPy's per-call cost, few
-    #: enough that the working columns stay in a core's cache (measured on the shared corpora: 32K notes ~1.3x faster than 8K or 128K)
+    #: notes per vectorized pass of encode_batch's NumPy path: enough to amortize NumPy's per-call cost,
+    #: few enough that the working columns stay in a core's cache (measured on the shared corpora: 32K
+    #: notes ~1.3x faster than 8K or 128K)
     CHUNK_NOTES = 32768
 
     def encode_many(self, pieces: list[Piece]) -> list[np.ndarray]:
@@ -250,7 +251,7 @@ class EventsTokenizer:
                                                   column("velocity"), program)
         order = _batch_order(seg, onset, prog, pitch, dur, vel, c.max_duration_steps, c.velocity_bins)
         seg, on, dur, pitch, vel, prog = seg[order], onset[order], dur[order], pitch[order], vel[order], prog[order]
-        steps = self._bar_steps(batch) if c.bars else None
+        steps = self._bar_steps(batch.time_signature) if c.bars else None
         return self._emit_numpy(seg, on, dur, pitch, vel, prog, n_pieces, 1 + (c.tempo_bins > 0),
                                 self._tempo_ids(batch), steps)
 
@@ -263,9 +264,9 @@ class EventsTokenizer:
         tempo = np.minimum(np.searchsorted(self._tempo_edges, qpm, side="right") - 1, c.tempo_bins - 1)
         return (self.tempo_base + tempo).astype(np.int64)
 
-    def _bar_steps(self, batch: PieceBatch) -> np.ndarray:
-        """bar_steps() of every piece's time signature, at once."""
-        num, den = batch.time_signature[:, 0], batch.time_signature[:, 1]
+    def _bar_steps(self, time_signatures: np.ndarray) -> np.ndarray:
+        """Grid steps in a bar of each time signature (rows of numerator, denominator), at least 1."""
+        num, den = time_signatures[:, 0], time_signatures[:, 1]
         return np.maximum(1, np.round(num * 4 * self.config.steps_per_quarter / np.maximum(den, 1))).astype(np.int64)
 
     #: use the compiled encoder (midiforge.music._events) when it is built; False: the NumPy code,
@@ -276,7 +277,7 @@ class EventsTokenizer:
         """encode_batch in C; None if a note does not fit its packed sort key (the NumPy code then)."""
         c = self.config
         n = len(batch)
-        steps = self._bar_steps(batch) if c.bars else np.zeros(0, np.int64)
+        steps = self._bar_steps(batch.time_signature) if c.bars else np.zeros(0, np.int64)
         per_piece = np.empty(n, dtype=np.int64)
         grid = (c.steps_per_quarter, c.max_duration_steps, c.velocity_bins, int(c.programs), int(c.drums))
         rule = (c.max_shift_steps, self.shift_base, self.bar_id, c.velocity_bins, self.velocity_base, self.pitch_base,

@@ -370,7 +370,8 @@ class RunWriter:
                "settings": self.settings.run_settings(), "shards": self.settings.shards,
                "shards_manifest_sha256": self.shards.manifest_sha256, "workers": num_workers,
                "membership": membership.source,
-               "cluster": membership.tf_config["cluster"] if membership.tf_config else None, "starts": self.plan.starts + 1, "updated": _now(), "status": "running"}
+               "cluster": membership.tf_config["cluster"] if membership.tf_config else None,
+               "starts": self.plan.starts + 1, "updated": _now(), "status": "running"}
         self.store.write_bytes(RUN, (json.dumps(run, indent=1) + "\n").encode())
         if not self.plan.fresh and self.store.exists("manifest.json"):
             self.store.delete("manifest.json")  # the output is incomplete again until this run finishes
