@@ -23,5 +23,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -ra
 
+# the benchmarks (each prints one JSON object); the preprocess and train ones read the shared corpora
+SHARED ?= ../shared/corpora
+bench: $(STAMP)
+	$(BIN)/python benchmarks/preprocess.py $(SHARED)/nottingham
+	$(BIN)/python benchmarks/preprocess.py $(SHARED)/ff
+	$(BIN)/python benchmarks/train.py --corpus $(SHARED)/ff
+	$(BIN)/python benchmarks/generate.py
+
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) build src/midiforge/music/_*.so

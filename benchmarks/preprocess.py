@@ -10,6 +10,8 @@ Prints one JSON object.  On the same MIDI files of CORPUS, in the same run:
 * ``engine_processes``: the same in one and in ``--workers`` plain processes at once (files split
   evenly, no Ray): what the shared machine gives to parallel work during this run, i.e. the
   ceiling of ``two_workers_vs_one``.
+* ``raw_symusic_processes``: the raw ceiling (bytes + ``from_midi``) in one and in ``--workers``
+  plain processes the same way: how far parsing alone, with nothing else to do, scales here.
 * ``end_to_end``: the real stage, :func:`run_preprocess` into a fresh DEST, with one worker
   and with every core, on a local Ray started (and warmed up) before timing, its worker processes
   up before every timed run (:func:`warm_workers`); the Ray start-up is reported apart.
@@ -131,6 +133,19 @@ def engine_processes(pool, refs, settings, processes: int) -> dict:
     parts = [refs[i::processes] for i in range(processes)]
     t = time.perf_counter()
     busy = [f.result() for f in [pool.submit(_engine_seconds, part, settings) for part in parts]]
+    return {"seconds": time.perf_counter() - t, "busy_seconds": round(sum(busy), 4)}
+
+
+def _raw_seconds(paths: list[str]) -> float:  # in a pool process
+    return raw_read_from_midi(paths)["seconds"]
+
+
+def raw_processes(pool, paths: list[str], processes: int) -> dict:
+    """Raw parsing (bytes + ``from_midi``) in ``processes`` plain processes at once, the files split
+    evenly: the scaling of the issue's own ceiling on this machine, with no stage around it."""
+    parts = [paths[i::processes] for i in range(processes)]
+    t = time.perf_counter()
+    busy = [f.result() for f in [pool.submit(_raw_seconds, part) for part in parts]]
     return {"seconds": time.perf_counter() - t, "busy_seconds": round(sum(busy), 4)}
 
 
@@ -294,6 +309,11 @@ def _ratios(result: dict) -> tuple[dict, dict]:
         most_p = max(ep, key=lambda k: int(k.split("_")[1]))
         ratios[f"machine_{most_p}_vs_one_no_ray"] = round(
             ep[most_p]["files_per_second"] / ep["processes_1"]["files_per_second"], 3)
+    rp = result.get("raw_symusic_processes", {})
+    if len(rp) > 1:  # the ceiling itself, split over plain processes: parsing alone scales this far here
+        most_p = max(rp, key=lambda k: int(k.split("_")[1]))
+        ratios[f"raw_symusic_{most_p}_vs_one"] = round(
+            rp[most_p]["files_per_second"] / rp["processes_1"]["files_per_second"], 3)
     if one and "machine_processes_2_vs_one_no_ray" in ratios:
         # Amdahl: what two workers could give in this run if the batches phase of the best one-worker run
         # (planning, the Ray tasks, the waits for their results) went as much faster as two plain
@@ -379,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
                     f.result()  # started, imported, warmed up
                 for k in sorted({1, args.workers}):
                     measure[f"engine_processes_{k}"] = lambda k=k: engine_processes(pool, refs, settings, k)
+                if "raw" not in args.skip:
+                    for k in sorted({1, args.workers}):
+                        measure[f"raw_processes_{k}"] = lambda k=k: raw_processes(pool, paths, k)
         counts: list[int] = []
         if "end_to_end" not in args.skip:
             import ray
@@ -410,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         for round_ in range(args.repeats):
             names = list(measure)
             if round_ % 2:  # the worker and process counts in the other order every other round
-                for prefix in ("workers_", "engine_processes_"):
+                for prefix in ("workers_", "engine_processes_", "raw_processes_"):
                     order = [k for k in names if k.startswith(prefix)]
                     names = [k if not k.startswith(prefix) else order.pop() for k in names]
             for name in names:
@@ -434,6 +457,10 @@ def main(argv: list[str] | None = None) -> int:
             if procs:
                 result["engine_processes"] = {f"processes_{k}": _best(runs[f"engine_processes_{k}"], len(refs))
                                               for k in procs}
+        procs = sorted(int(k.rsplit("_", 1)[1]) for k in runs if k.startswith("raw_processes_"))
+        if procs:
+            result["raw_symusic_processes"] = {f"processes_{k}": _best(runs[f"raw_processes_{k}"], len(paths))
+                                               for k in procs}
         for w in counts:
             result["end_to_end"][f"workers_{w}"] = _best(runs[f"workers_{w}"], len(refs))
         if "miditok_tsd" in runs:
