@@ -32,8 +32,12 @@ The machine is shared, so the measurements are interleaved: each of ``--repeats`
 every measurement once (MidiTok in the first ``--miditok-repeats`` rounds and the tutorial loop in
 the first ``--tutorial-repeats``: they take seconds where the others take tenths), and
 each figure is the best (fastest) of its rounds, the one least disturbed by others.  Load
-averages are recorded at the start, after each round and at the end.  Nothing is asserted:
-``targets_met`` says which of the issue's targets this run met.
+averages are recorded at the start, after each round and at the end.  No speed is asserted:
+``targets_met`` says which of the issue's targets this run met.  What is checked is that the
+figures compare like with like (``accounting``): every measurement of the stage accounts for every
+file (pieces + duplicates + failures), the raw parsers saw the same notes, and the whole-corpus runs
+made the same tokens; if not, the JSON is still printed, the problems go to stderr, and the exit
+status is 1.
 """
 from __future__ import annotations
 
@@ -123,30 +127,16 @@ def engine(refs, settings) -> dict:
             "failures": res["failures"], "duplicates": res["duplicates"]}
 
 
-def _engine_seconds(refs, settings) -> float:  # in a pool process
-    return engine(refs, settings)["seconds"]
-
-
-def engine_processes(pool, refs, settings, processes: int) -> dict:
-    """The engine in ``processes`` plain processes at once, the files split evenly, no Ray: what the
-    machine gives to that many CPU-bound processes right now (the ceiling of two_workers_vs_one)."""
-    parts = [refs[i::processes] for i in range(processes)]
+def in_processes(pool, measure, items: list, processes: int, *args) -> dict:
+    """``measure(part, *args)`` in ``processes`` plain processes at once, ``items`` split evenly, no Ray:
+    the wall seconds, the processes' own seconds summed (``busy_seconds``), and their counts summed
+    (notes, pieces, ...: every item is accounted for, as in the one-process run)."""
+    parts = [items[i::processes] for i in range(processes)]
     t = time.perf_counter()
-    busy = [f.result() for f in [pool.submit(_engine_seconds, part, settings) for part in parts]]
-    return {"seconds": time.perf_counter() - t, "busy_seconds": round(sum(busy), 4)}
-
-
-def _raw_seconds(paths: list[str]) -> float:  # in a pool process
-    return raw_read_from_midi(paths)["seconds"]
-
-
-def raw_processes(pool, paths: list[str], processes: int) -> dict:
-    """Raw parsing (bytes + ``from_midi``) in ``processes`` plain processes at once, the files split
-    evenly: the scaling of the issue's own ceiling on this machine, with no stage around it."""
-    parts = [paths[i::processes] for i in range(processes)]
-    t = time.perf_counter()
-    busy = [f.result() for f in [pool.submit(_raw_seconds, part) for part in parts]]
-    return {"seconds": time.perf_counter() - t, "busy_seconds": round(sum(busy), 4)}
+    outs = [f.result() for f in [pool.submit(measure, part, *args) for part in parts]]
+    seconds = time.perf_counter() - t
+    counts = {k: sum(o[k] for o in outs) for k in outs[0] if k != "seconds"}
+    return {"seconds": seconds, "busy_seconds": round(sum(o["seconds"] for o in outs), 4), **counts}
 
 
 def warm_workers(files: list[str], settings, workers: int) -> None:
@@ -329,6 +319,29 @@ def _ratios(result: dict) -> tuple[dict, dict]:
     return ratios, met
 
 
+def _accounting(result: dict, files: int) -> list[str]:
+    """What would make the figures incomparable: a measurement that did not account for every file
+    (pieces + duplicates + failures), raw parsers that saw different notes, whole-corpus runs that
+    made different tokens.  Empty when all is well."""
+    problems = []
+    notes = {f"raw_symusic.{k}": v["notes"] for k, v in result.get("raw_symusic", {}).items() if isinstance(v, dict)}
+    notes.update({f"raw_symusic_processes.{k}": v["notes"] for k, v in result.get("raw_symusic_processes", {}).items()})
+    if len(set(notes.values())) > 1:
+        problems.append(f"the raw parsers saw different notes: {notes}")
+    runs = {"engine": result.get("engine")}
+    runs.update({f"engine_processes.{k}": v for k, v in result.get("engine_processes", {}).items()})
+    runs.update({f"end_to_end.{k}": v for k, v in result.get("end_to_end", {}).items() if k.startswith("workers_")})
+    runs = {k: v for k, v in runs.items() if v}
+    for name, r in runs.items():
+        if r["pieces"] + r["duplicates"] + r["failures"] != files:
+            problems.append(f"{name}: {r['pieces']} pieces + {r['duplicates']} duplicates + {r['failures']} failures "
+                            f"for {files} files")
+    whole = {k: v["tokens"] for k, v in runs.items() if not k.startswith("engine_processes.")}  # one batch or Ray's
+    if len(set(whole.values())) > 1:
+        problems.append(f"whole-corpus runs made different tokens: {whole}")
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("corpus", metavar="CORPUS", help="a folder of MIDI files")
@@ -395,13 +408,14 @@ def main(argv: list[str] | None = None) -> int:
                 from concurrent.futures import ProcessPoolExecutor
 
                 pool = ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"))
-                for f in [pool.submit(_engine_seconds, refs[:8], settings) for _ in range(args.workers)]:
+                for f in [pool.submit(engine, refs[:8], settings) for _ in range(args.workers)]:
                     f.result()  # started, imported, warmed up
                 for k in sorted({1, args.workers}):
-                    measure[f"engine_processes_{k}"] = lambda k=k: engine_processes(pool, refs, settings, k)
-                if "raw" not in args.skip:
-                    for k in sorted({1, args.workers}):
-                        measure[f"raw_processes_{k}"] = lambda k=k: raw_processes(pool, paths, k)
+                    # what the machine gives to that many CPU-bound processes right now: the ceiling of
+                    # two_workers_vs_one; and how far raw parsing alone (the issue's ceiling) scales here
+                    measure[f"engine_processes_{k}"] = lambda k=k: in_processes(pool, engine, refs, k, settings)
+                    if "raw" not in args.skip:
+                        measure[f"raw_processes_{k}"] = lambda k=k: in_processes(pool, raw_read_from_midi, paths, k)
         counts: list[int] = []
         if "end_to_end" not in args.skip:
             import ray
@@ -476,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
             import ray
 
             ray.shutdown()
+        problems = _accounting(result, len(refs))
+        result["accounting"] = problems or "every measurement accounted for every file"
         result["ratios"], result["targets_met"] = _ratios(result)
         result["targets"] = TARGETS
         result["machine"]["load_average_end"] = _load()
@@ -484,6 +500,9 @@ def main(argv: list[str] | None = None) -> int:
             pool.shutdown()
         shutil.rmtree(scratch, ignore_errors=True)
     print(json.dumps(result, indent=1))
+    if problems:
+        print("\n".join(["the measurements are not comparable:", *problems]), file=sys.stderr)
+        return 1
     return 0
 
 

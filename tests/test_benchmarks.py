@@ -36,10 +36,32 @@ def test_preprocess_benchmark_reports_every_measurement(tmp_path):
     assert one["tokens"] == two["tokens"] == result["engine"]["tokens"] > 0
     assert set(one["timing"]) >= {"listing", "setup", "ray_start", "batches", "batch_busy", "finalize"}
     assert result["raw_symusic"]["score_path"]["notes"] == result["raw_symusic"]["read_from_midi"]["notes"] > 0
-    assert set(result["engine_processes"]) == set(result["raw_symusic_processes"]) == {"processes_1", "processes_2"}
+    assert result["accounting"] == "every measurement accounted for every file"
+    for k in ("processes_1", "processes_2"):  # the files split over plain processes: all of them, once
+        assert result["engine_processes"][k]["pieces"] == 6
+        assert result["raw_symusic_processes"][k]["notes"] == result["raw_symusic"]["read_from_midi"]["notes"]
     assert result["music21_tutorial"]["files"] == 1 and result["miditok_tsd"]["files_per_second"] > 0
     assert set(result["ratios"]) >= {
         "single_worker_vs_raw_symusic", "single_worker_vs_raw_symusic_score_path", "single_worker_vs_miditok",
         "two_workers_vs_one", "machine_processes_2_vs_one_no_ray", "raw_symusic_processes_2_vs_one",
         "two_workers_vs_one_ceiling", "single_worker_serial_fraction"}
     assert set(result["targets_met"]) == set(result["targets"])
+
+
+def test_the_benchmark_refuses_figures_that_do_not_compare_like_with_like():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_preprocess", ROOT / "benchmarks" / "preprocess.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    run = {"pieces": 5, "duplicates": 0, "failures": 1, "tokens": 900}
+    good = {"raw_symusic": {"score_path": {"notes": 40}, "read_from_midi": {"notes": 40}, "ceiling": "read_from_midi"},
+            "raw_symusic_processes": {"processes_2": {"notes": 40}}, "engine": dict(run),
+            "engine_processes": {"processes_2": {**run, "tokens": 950}},  # split: copies are not recognised
+            "end_to_end": {"ray_cpus": 2, "workers_1": dict(run), "workers_2": dict(run)}}
+    assert bench._accounting(good, 6) == []
+    lost = {**good, "end_to_end": {"workers_1": dict(run), "workers_2": {**run, "pieces": 4}}}
+    assert bench._accounting(lost, 6) == ["end_to_end.workers_2: 4 pieces + 0 duplicates + 1 failures for 6 files"]
+    other = {**good, "raw_symusic_processes": {"processes_2": {"notes": 39}}, "engine": {**run, "tokens": 901}}
+    assert [p.split(":")[0] for p in bench._accounting(other, 6)] == [
+        "the raw parsers saw different notes", "whole-corpus runs made different tokens"]
