@@ -454,9 +454,10 @@ def run_preprocess(src: str, dest_uri: str, settings: PreprocessSettings, *, res
         dest.write_bytes(f"{WORK}/settings.json", json.dumps(settings_doc, indent=1).encode())
 
     journals = _journal_parts(dest)
+    earlier = {p: _read_journal(dest, rel) for p, rel in journals.items()}  # finalize reuses them
     done: set[str] = set()
-    for rel in journals.values():
-        done.update(_read_journal(dest, rel)["input"])
+    for journal in earlier.values():
+        done.update(journal["input"])
     # piece tables without a journal are leftovers of a killed batch: their inputs run again
     for prefix, folder in (("part-", "shards/"), ("raw-", f"{WORK}/")):
         for o in dest.list(folder):
@@ -513,12 +514,12 @@ def run_preprocess(src: str, dest_uri: str, settings: PreprocessSettings, *, res
             bar.set_postfix(failures=failures, refresh=False)
         bar.close()
         known = {r["part"]: r["table"] for r in results if r["table"] is not None}
-        known_journals = {r["part"]: r["journal"] for r in results}
+        known_journals = {**earlier, **{r["part"]: r["journal"] for r in results}}
         clock.lap("batches")
         clock.add("batch_busy", sum(r["seconds"] for r in results))
         clock.add("batch_count", len(results))
     else:
-        known, known_journals = {}, {}
+        known, known_journals = {}, earlier
     return finalize(dest, settings, src_count=len(refs), started=started, known=known, known_journals=known_journals,
                     clock=clock, expected_inputs={r.source for r in refs})
 
@@ -556,9 +557,10 @@ def finalize(dest, settings: PreprocessSettings, *, src_count: int, started: flo
     """Resolve duplicates across batches, build the classic vocabulary, write the outputs and the manifest.
 
     ``known`` maps a part to what its task reported of the shard it wrote ({path, rows, bytes, sha256,
-    stats}), ``known_journals`` to the journal it wrote ({column: values}); parts not in them, or
-    rewritten here, are read back once.  ``expected_inputs``: the inputs (sources) of this run, each
-    of which must have its outcome in some journal.
+    stats}), ``known_journals`` to its journal ({column: values}: as a task of this run wrote it, or as
+    this run read it from an earlier one); parts not in them, or rewritten here, are read back once.
+    ``expected_inputs``: the inputs (sources) of this run, each of which must have its outcome in some
+    journal.
     """
     clock = clock or _Clock()
     known = dict(known or {})
