@@ -1,0 +1,574 @@
+"""Compare generated pieces with a reference: their metrics side by side, loops, copies, and the
+model's held-out loss next to an n-gram baseline.
+
+``midiforge evaluate GENERATED REFERENCE [--model MODEL_DIR]``
+
+* ``GENERATED``: a generate output (its pieces table) or a folder of MIDI files.
+* ``REFERENCE``: a folder of MIDI files, or a preprocess output (``DEST``), whose held-out split
+  is used (``--split``, default: test if it has pieces, else validation).
+* For every metric of :mod:`midiforge.music.metrics`: mean and spread of each set, and how far
+  apart the two sets' distributions are (overlapping area and KL divergence of the kernel density
+  estimates of the per-piece values, as mgeval).  Loops and copies: ``longest_repeat`` (any
+  period), identical pieces in each set, and each piece's nearest training piece by n-gram overlap
+  (memorisation; the reference's own overlap beside it says what is normal for real music).
+* ``--model``: the model's loss on the reference's tokens (nats/token) beside an interpolated
+  Kneser-Ney 5-gram trained on the training split of the same tokens: an LSTM that does not beat
+  it has not learned more than local statistics.
+
+Prints a table (or ``--format json``); ``--json FILE`` also writes the whole result as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from midiforge.errors import MidiforgeError, PieceError
+from midiforge.music import metrics as M
+from midiforge.storage import StorageOptions, open_store
+
+MIDI_SUFFIXES = (".mid", ".midi")
+TOKEN_METRICS = ("longest_repeat", "repeat_period", "distinct_4gram_ratio")
+SIZE_METRICS = ("n_notes", "seconds")
+#: every per-piece metric evaluate compares, in table order
+METRICS = M.NOTE_METRICS + TOKEN_METRICS + SIZE_METRICS
+DEFAULT_OVERLAP_N = 16
+DEFAULT_ORDER = 5
+
+
+# -------------------------------------------------------------------------------------------
+# sets of pieces
+# -------------------------------------------------------------------------------------------
+@dataclass
+class PieceSet:
+    """Pieces with their notes, their tokens in the evaluation tokenizer, and where they came from."""
+
+    uri: str
+    kind: str                                   # "pieces" (generate output), "midi" (folder), "tokens" (preprocess)
+    names: list[str] = field(default_factory=list)
+    pieces: list = field(default_factory=list)  # Piece
+    tokens: list = field(default_factory=list)  # np.ndarray of the evaluation tokenizer's ids
+    midi: list = field(default_factory=list)    # MIDI bytes (None for token sets)
+    split: str | None = None
+    tokens_from: str = ""                       # how the tokens were obtained
+    skipped: list = field(default_factory=list)  # (name, reason) of inputs that gave no piece
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def _read_pieces_table(uri: str, storage: StorageOptions | None):
+    """The generate output's pieces table, or None when ``uri`` holds none."""
+    try:
+        from midiforge.pipeline.pieces import read_pieces  # the pieces module (Parquet shards)
+    except ImportError:
+        read_pieces = None
+    store = open_store(uri, storage)
+    if read_pieces is not None:
+        try:
+            return read_pieces(uri, storage=storage)
+        except MidiforgeError:
+            if not store.exists("pieces.parquet"):
+                return None
+    if store.exists("pieces.parquet"):
+        from midiforge.storage.shards import read_table
+
+        return read_table(store, "pieces.parquet")
+    return None
+
+
+def _tokens_match(tokenizer, tokens: np.ndarray, piece) -> bool:
+    """Whether ``tokens`` are ``tokenizer``'s tokens of ``piece`` (decoding them gives its notes)."""
+    try:
+        mine = tokenizer.quantize(piece) if hasattr(tokenizer, "quantize") else None
+        theirs = tokenizer.decode_quantized(tokens, tokenizer.bar_steps(piece.time_signature)) \
+            if hasattr(tokenizer, "decode_quantized") else None
+    except Exception:  # a foreign id that this tokenizer cannot decode
+        return False
+    if mine is None or theirs is None:
+        return False
+    return mine.as_tuple()[1:] == theirs.as_tuple()[1:]
+
+
+def _encode(tokenizer, piece) -> np.ndarray:
+    return np.asarray(tokenizer.encode(piece), dtype=np.int64)
+
+
+def load_generated(uri: str, tokenizer, storage: StorageOptions | None = None,
+                   checkpoint: str | None = None) -> PieceSet:
+    """A generate output (pieces table, MIDI read from it or beside it) or a folder of MIDI files."""
+    from midiforge.music.readers import read_piece
+
+    table = _read_pieces_table(uri, storage)
+    if table is None:
+        return load_midi_folder(uri, tokenizer, storage)
+    store = open_store(uri, storage)
+    labels = table["checkpoint"].to_pylist() if "checkpoint" in table.column_names else [None] * table.num_rows
+    if checkpoint is None and labels and labels[0] is not None:
+        checkpoint = "final" if "final" in labels else labels[-1]
+    rows = [r for r in range(table.num_rows) if checkpoint is None or labels[r] == checkpoint]
+    if not rows:
+        raise MidiforgeError(f"{store.uri}: no pieces of checkpoint {checkpoint!r} (it has {sorted(set(labels))})")
+    out = PieceSet(store.uri, "pieces")
+    cols = table.column_names
+    own_tokens = 0
+    for r in rows:
+        path = table["midi_path"][r].as_py() if "midi_path" in cols else None
+        data = table["midi"][r].as_py() if "midi" in cols else None
+        if data is None:
+            if not path:
+                raise MidiforgeError(f"{store.uri}: piece row {r} has neither MIDI bytes nor a midi_path")
+            data = store.read_bytes(path)
+        name = table["piece_id"][r].as_py() if "piece_id" in cols else (path or f"row-{r}")
+        try:
+            piece = read_piece(path or f"{name}.mid", data)
+        except PieceError as exc:
+            if exc.reason != "no_notes":
+                out.skipped.append((name, f"{exc.reason}: {exc}"))
+                continue
+            from midiforge.music.piece import Piece
+
+            piece = Piece.from_columns([], [], [], [], [])
+        tokens = None
+        if "tokens" in cols:
+            t = np.asarray(table["tokens"][r].as_py() or [], dtype=np.int64)
+            if _tokens_match(tokenizer, t, piece):
+                tokens, own_tokens = t, own_tokens + 1
+        out.names.append(name)
+        out.pieces.append(piece)
+        out.tokens.append(tokens if tokens is not None else _encode(tokenizer, piece))
+        out.midi.append(data)
+    out.split = checkpoint
+    out.tokens_from = ("the pieces table" if own_tokens == len(out) else
+                       f"{tokenizer.id} encoding of the notes" if own_tokens == 0 else
+                       f"the pieces table ({own_tokens}) and {tokenizer.id} encoding of the notes")
+    return out
+
+
+def load_midi_folder(uri: str, tokenizer, storage: StorageOptions | None = None) -> PieceSet:
+    """Every .mid/.midi file under ``uri`` (recursively), read as preprocess reads them."""
+    from midiforge.music.readers import read_piece
+
+    store = open_store(uri, storage)
+    files = [o for o in store.list() if o.path.lower().endswith(MIDI_SUFFIXES)]
+    if not files:
+        raise MidiforgeError(f"{store.uri}: no MIDI files, no pieces table and no preprocess manifest here")
+    out = PieceSet(store.uri, "midi", tokens_from=f"{tokenizer.id} encoding of the notes")
+    for o in files:
+        data = store.read_bytes(o.path)
+        try:
+            piece = read_piece(o.path, data)
+        except PieceError as exc:
+            out.skipped.append((o.path, f"{exc.reason}: {exc}"))
+            continue
+        out.names.append(o.path)
+        out.pieces.append(piece)
+        out.tokens.append(_encode(tokenizer, piece))
+        out.midi.append(data)
+    if not out.names:
+        raise MidiforgeError(f"{store.uri}: none of its {len(files)} MIDI files has notes ({out.skipped[0][1]})")
+    return out
+
+
+def is_token_output(uri: str, storage: StorageOptions | None = None) -> bool:
+    """Whether ``uri`` is a preprocess output (a manifest listing token shards)."""
+    store = open_store(uri, storage)
+    if not store.exists("manifest.json"):
+        return False
+    try:
+        manifest = json.loads(store.read_bytes("manifest.json"))
+    except json.JSONDecodeError:
+        return False
+    return isinstance(manifest, dict) and isinstance(manifest.get("shards"), list) and store.exists("tokenizer.json")
+
+
+def read_token_split(uri: str, split: str | None, storage: StorageOptions | None = None, *,
+                     originals_only: bool = True):
+    """(tokenizer, split used, [(source, tokens)]) of a preprocess output; ``split`` None: test if it
+    has pieces, else validation.  ``originals_only`` leaves out transposed copies."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from midiforge.music.tokenizers import load_tokenizer
+    from midiforge.storage.manifest import manifest_entries, read_manifest
+
+    store = open_store(uri, storage)
+    manifest = read_manifest(store)
+    entries = manifest_entries(manifest, store.url("manifest.json"))
+    tok_bytes = store.read_verified("tokenizer.json", entries["tokenizer.json"]) \
+        if "tokenizer.json" in entries else store.read_bytes("tokenizer.json")
+    try:
+        tokenizer = load_tokenizer(tok_bytes)
+    except (KeyError, TypeError, ValueError, MidiforgeError) as exc:
+        raise MidiforgeError(f"{store.url('tokenizer.json')}: not a tokenizer ({exc})") from None
+    rows: dict[str, list] = {}
+    for s in manifest.get("shards", []):
+        rel = s["path"]
+        data = store.read_verified(rel, entries[rel]) if rel in entries else store.read_bytes(rel)
+        try:
+            t = pq.read_table(io.BytesIO(data), columns=["source", "split", "transpose", "tokens"])
+        except (pa.ArrowInvalid, OSError, KeyError) as exc:
+            raise MidiforgeError(f"{store.url(rel)}: not a readable token shard ({exc})") from None
+        src, spl, tr = t["source"].to_pylist(), t["split"].to_pylist(), t["transpose"].to_pylist()
+        toks = t["tokens"]
+        for i in range(t.num_rows):
+            if originals_only and tr[i] != 0:
+                continue
+            rows.setdefault(spl[i], []).append((src[i], np.asarray(toks[i].as_py(), dtype=np.int64)))
+    if split is None:
+        split = "test" if rows.get("test") else "validation"
+    if not rows.get(split):
+        have = {k: len(v) for k, v in rows.items()}
+        raise MidiforgeError(f"{store.uri}: no pieces in split {split!r} (it has {have})")
+    return tokenizer, split, sorted(rows[split], key=lambda r: r[0])
+
+
+def load_token_set(uri: str, split: str | None, storage: StorageOptions | None = None,
+                   max_pieces: int | None = None) -> tuple[PieceSet, object]:
+    """The pieces of one split of a preprocess output, decoded with its tokenizer."""
+    tokenizer, split, rows = read_token_split(uri, split, storage)
+    if max_pieces:
+        rows = rows[:max_pieces]
+    out = PieceSet(open_store(uri, storage).uri, "tokens", split=split, tokens_from=f"the shards ({tokenizer.id})")
+    for source, tokens in rows:
+        out.names.append(source)
+        out.pieces.append(tokenizer.decode(tokens))
+        out.tokens.append(tokens)
+        out.midi.append(None)
+    return out, tokenizer
+
+
+def load_reference(uri: str, tokenizer, split: str | None, storage: StorageOptions | None = None,
+                   max_pieces: int | None = None) -> PieceSet:
+    if is_token_output(uri, storage):
+        ref, tok = load_token_set(uri, split, storage, max_pieces)
+        if tok.id != tokenizer.id:
+            raise MidiforgeError(f"{ref.uri}: tokenizer {tok.id} differs from the evaluation's {tokenizer.id}")
+        return ref
+    ref = load_midi_folder(uri, tokenizer, storage)
+    if max_pieces:
+        for name in ("names", "pieces", "tokens", "midi"):
+            setattr(ref, name, getattr(ref, name)[:max_pieces])
+    return ref
+
+
+# -------------------------------------------------------------------------------------------
+# per-piece metrics
+# -------------------------------------------------------------------------------------------
+def _content(tokens: np.ndarray) -> np.ndarray:
+    """Tokens without the special ids (PAD, BOS, EOS, UNK): what the piece says."""
+    from midiforge.music.tokenizers import SPECIALS
+
+    t = np.asarray(tokens, dtype=np.int64)
+    return t[t >= len(SPECIALS)]
+
+
+def piece_values(piece, tokens) -> dict[str, float]:
+    """Every metric evaluate compares, for one piece."""
+    content = _content(tokens)
+    length, period = M.repeat_stretch(content)
+    return {**M.piece_metrics(piece), "longest_repeat": float(length), "repeat_period": float(period),
+            "distinct_4gram_ratio": M.distinct_4gram_ratio(content), "n_notes": float(len(piece)),
+            "seconds": float(piece.end() * 60.0 / piece.qpm) if len(piece) else 0.0}
+
+
+def set_values(ps: PieceSet) -> list[dict[str, float]]:
+    return [piece_values(p, t) for p, t in zip(ps.pieces, ps.tokens)]
+
+
+# -------------------------------------------------------------------------------------------
+# model loss and the n-gram baseline
+# -------------------------------------------------------------------------------------------
+def _cap(sequences: list[np.ndarray], max_targets: int | None) -> list[np.ndarray]:
+    """The sequences, the last one cut, so that they hold at most ``max_targets`` targets."""
+    out, left = [], max_targets if max_targets else None
+    for s in sequences:
+        if len(s) < 2:
+            continue
+        if left is not None:
+            if left <= 0:
+                break
+            s = s[:left + 1]
+            left -= len(s) - 1
+        out.append(s)
+    return out
+
+
+def model_log_probs(bundle, sequences: list[np.ndarray], batch_size: int = 64) -> np.ndarray:
+    """Natural log-probability the model gives each target (every token but the first of each
+    sequence, predicted from the tokens before it, the LSTM state carried from BOS), in sequence order."""
+    from midiforge.model.decode import NumpyLSTM
+    from midiforge.pipeline.generate import numpy_weights
+
+    engine = NumpyLSTM(numpy_weights(bundle))
+    out = [None] * len(sequences)
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    for a in range(0, len(order), batch_size):
+        group = order[a:a + batch_size]
+        seqs = [np.asarray(sequences[i], dtype=np.int64) for i in group]
+        lengths = np.array([len(s) for s in seqs])
+        lp = [np.zeros(n - 1) for n in lengths]
+        engine.begin(len(group))
+        live = np.arange(len(group))
+        for step in range(int(lengths.max()) - 1):
+            keep = lengths[live] > step + 1       # rows with a target at step + 1
+            if not keep.all():
+                engine.keep(keep)
+                live = live[keep]
+            logits = engine.step(np.array([seqs[r][step] for r in live]))
+            logits = logits - logits.max(axis=1, keepdims=True)
+            logz = np.log(np.exp(logits).sum(axis=1))
+            target = np.array([seqs[r][step + 1] for r in live])
+            picked = logits[np.arange(len(live)), target] - logz
+            for r, v in zip(live, picked):
+                lp[r][step] = v
+        for i, v in zip(group, lp):
+            out[i] = v
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def loss_comparison(bundle, reference_tokens: list[np.ndarray], train_tokens: list[np.ndarray], *,
+                    order: int = DEFAULT_ORDER, max_targets: int | None = 200_000) -> dict:
+    """The model's and an interpolated Kneser-Ney n-gram's loss (nats/token) on the same targets."""
+    seqs = _cap(reference_tokens, max_targets)
+    if not seqs:
+        raise MidiforgeError("the reference has no piece of two tokens or more to score the model on")
+    model_lp = model_log_probs(bundle, seqs)
+    lm = M.KneserNey(train_tokens, bundle.config.vocab_size, order)
+    ngram_lp = lm.log_probs(seqs)
+    model_loss, ngram_loss = float(-model_lp.mean()), float(-ngram_lp.mean())
+    return {"checkpoint": bundle.checkpoint, "bundle": bundle.uri, "tokenizer": bundle.tokenizer.id,
+            "targets": int(len(model_lp)), "pieces": len(seqs), "model_nats_per_token": model_loss,
+            f"ngram{order}_nats_per_token": ngram_loss, "ngram_order": order,
+            "train_tokens": int(sum(len(t) for t in train_tokens)),
+            "uniform_nats_per_token": math.log(bundle.config.vocab_size),
+            "model_beats_ngram": bool(model_loss < ngram_loss)}
+
+
+# -------------------------------------------------------------------------------------------
+# the evaluation
+# -------------------------------------------------------------------------------------------
+def _finite(x):
+    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else x
+
+
+def _clean(obj):
+    """JSON-safe: NaN and inf become null."""
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return _finite(float(obj))
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def compare(generated: PieceSet, reference: PieceSet, *, train: list[tuple[str, np.ndarray]] | None = None,
+            overlap_n: int = DEFAULT_OVERLAP_N) -> dict:
+    """Metrics of both sets side by side, distances, loops, copies and memorisation (no model)."""
+    gv, rv = set_values(generated), set_values(reference)
+    metrics = {}
+    for name in METRICS:
+        g = np.array([v[name] for v in gv], dtype=np.float64)
+        r = np.array([v[name] for v in rv], dtype=np.float64)
+        metrics[name] = {"generated": M.summary(g), "reference": M.summary(r), **M.distribution_distance(r, g)}
+    g_keys = [M.sequence_key(_content(t)) for t in generated.tokens]
+    r_keys = [M.sequence_key(_content(t)) for t in reference.tokens]
+    result = {
+        "generated": {"uri": generated.uri, "kind": generated.kind, "pieces": len(generated),
+                      "checkpoint": generated.split if generated.kind == "pieces" else None,
+                      "tokens_from": generated.tokens_from, "skipped": [list(s) for s in generated.skipped]},
+        "reference": {"uri": reference.uri, "kind": reference.kind, "pieces": len(reference),
+                      "split": reference.split, "tokens_from": reference.tokens_from,
+                      "skipped": [list(s) for s in reference.skipped]},
+        "metrics": metrics,
+        "identical_pieces": {"generated": M.duplicate_count(g_keys), "reference": M.duplicate_count(r_keys)},
+        "memorisation": None,
+        "loss": None,
+        "pieces": [{"name": n, **v} for n, v in zip(generated.names, gv)],
+    }
+    if train:
+        index = M.NgramIndex([t for _s, t in train], overlap_n)
+        train_keys = {M.sequence_key(_content(t)) for _s, t in train}
+        g_near = [index.nearest(_content(t)) for t in generated.tokens]
+        r_near = [index.nearest(_content(t)) for t in reference.tokens]
+        for row, (frac, j) in zip(result["pieces"], g_near):
+            row["train_overlap"] = frac
+            row["nearest_train_piece"] = train[j][0] if j >= 0 else None
+        result["memorisation"] = {
+            "n": overlap_n, "train_pieces": len(train),
+            "generated": M.summary([f for f, _ in g_near]), "reference": M.summary([f for f, _ in r_near]),
+            **M.distribution_distance([f for f, _ in r_near], [f for f, _ in g_near]),
+            "generated_copies_of_train": sum(k in train_keys for k in g_keys),
+            "reference_copies_of_train": sum(k in train_keys for k in r_keys),
+        }
+    return result
+
+
+def evaluate(generated_uri: str, reference_uri: str, *, model_dir: str | None = None, checkpoint: str = "final",
+             train_uri: str | None = None, split: str | None = None, generated_checkpoint: str | None = None,
+             overlap_n: int = DEFAULT_OVERLAP_N, order: int = DEFAULT_ORDER, max_loss_targets: int | None = 200_000,
+             max_reference: int | None = None, storage: StorageOptions | None = None) -> dict:
+    """The whole command: returns the result (see :func:`compare`, plus ``loss`` with ``model_dir``)."""
+    from midiforge.music.tokenizers import make_tokenizer
+
+    storage = storage or StorageOptions()
+    ref_is_tokens = is_token_output(reference_uri, storage)
+    if train_uri is None and ref_is_tokens:
+        train_uri = reference_uri
+    bundle = None
+    if model_dir:
+        from midiforge.model.bundle import load_bundle
+
+        bundle = load_bundle(model_dir, checkpoint=checkpoint, options=storage)
+        if train_uri is None:
+            shards = bundle.training.get("shards")
+            if shards and is_token_output(shards, storage):
+                train_uri = shards
+    train = None
+    tokenizer = None
+    if train_uri:
+        if not is_token_output(train_uri, storage):
+            raise MidiforgeError(f"{train_uri}: --train must be a preprocess output (manifest.json, tokenizer.json, shards)")
+        tokenizer, _split, train = read_token_split(train_uri, "train", storage, originals_only=False)
+    elif bundle is not None:
+        tokenizer = bundle.tokenizer
+    if ref_is_tokens:
+        reference, ref_tok = load_token_set(reference_uri, split, storage, max_reference)
+        if tokenizer is not None and ref_tok.id != tokenizer.id:
+            raise MidiforgeError(f"{reference_uri}: tokenizer {ref_tok.id} differs from the training tokens' "
+                                 f"{tokenizer.id} ({train_uri})")
+        tokenizer = ref_tok
+    else:
+        tokenizer = tokenizer or make_tokenizer("events")
+        reference = load_reference(reference_uri, tokenizer, split, storage, max_reference)
+    generated = load_generated(generated_uri, tokenizer, storage, generated_checkpoint)
+    result = compare(generated, reference, train=train, overlap_n=overlap_n)
+    result["tokenizer"] = tokenizer.id
+    result["train"] = train_uri
+    if bundle is not None:
+        if train is None:
+            raise MidiforgeError("--model: the n-gram baseline needs the training tokens; pass --train TOKENS "
+                                 "(a preprocess output made with the model's tokenizer)")
+        bundle.check_tokenizer(tokenizer.id, train_uri or reference_uri)
+        result["loss"] = loss_comparison(bundle, reference.tokens, [t for _s, t in train], order=order,
+                                         max_targets=max_loss_targets)
+    return _clean(result)
+
+
+# -------------------------------------------------------------------------------------------
+# output
+# -------------------------------------------------------------------------------------------
+def _fmt(x, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    if isinstance(x, int) or (isinstance(x, float) and x.is_integer() and abs(x) >= 100):
+        return f"{int(x):,}"
+    return f"{x:.{digits}f}"
+
+
+def table_rows(result: dict) -> list[list[str]]:
+    """[metric, generated mean ± std, reference mean ± std, overlap, KL] rows (header first)."""
+    rows = [["metric", "generated mean ± sd", "reference mean ± sd", "overlap", "KL(ref||gen)"]]
+    for name, m in result["metrics"].items():
+        g, r = m["generated"], m["reference"]
+        rows.append([name, f"{_fmt(g['mean'])} ± {_fmt(g['std'])}", f"{_fmt(r['mean'])} ± {_fmt(r['std'])}",
+                     _fmt(m["overlap"]), _fmt(m["kl"])])
+    mem = result.get("memorisation")
+    if mem:
+        g, r = mem["generated"], mem["reference"]
+        rows.append([f"train_overlap ({mem['n']}-grams)", f"{_fmt(g['mean'])} ± {_fmt(g['std'])}",
+                     f"{_fmt(r['mean'])} ± {_fmt(r['std'])}", _fmt(mem["overlap"]), _fmt(mem["kl"])])
+    return rows
+
+
+def format_table(result: dict) -> str:
+    rows = table_rows(result)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    g, r = result["generated"], result["reference"]
+    out = [f"generated: {g['pieces']} pieces from {g['uri']} (tokens: {g['tokens_from']})",
+           f"reference: {r['pieces']} pieces from {r['uri']}" + (f" (split {r['split']})" if r["split"] else ""),
+           ""] + lines + [""]
+    ident = result["identical_pieces"]
+    out.append(f"identical pieces: generated {ident['generated']}, reference {ident['reference']}")
+    mem = result.get("memorisation")
+    if mem:
+        out.append(f"copies of a training piece: generated {mem['generated_copies_of_train']}, "
+                   f"reference {mem['reference_copies_of_train']} ({mem['train_pieces']} training pieces)")
+    loss = result.get("loss")
+    if loss:
+        order = loss["ngram_order"]
+        verdict = "beats" if loss["model_beats_ngram"] else "does NOT beat"
+        out.append(f"held-out loss ({loss['targets']:,} tokens): model {loss['model_nats_per_token']:.4f} nats/token, "
+                   f"{order}-gram {loss[f'ngram{order}_nats_per_token']:.4f}, uniform "
+                   f"{loss['uniform_nats_per_token']:.4f}: the model {verdict} the {order}-gram")
+    return "\n".join(out)
+
+
+# -------------------------------------------------------------------------------------------
+# CLI
+# -------------------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("generated", metavar="GENERATED",
+                   help="a generate output (its pieces table) or a folder of MIDI files: local, file:// or s3://")
+    p.add_argument("reference", metavar="REFERENCE",
+                   help="a folder of MIDI files, or a preprocess output (its held-out split, see --split)")
+    p.add_argument("--model", metavar="MODEL_DIR", default=None,
+                   help="a training output: also compare its loss on the reference tokens with an n-gram "
+                        "baseline trained on the training split (default: no loss comparison)")
+    p.add_argument("--checkpoint", default="final",
+                   help="--model's bundle: final (default), best, latest or an epoch number")
+    p.add_argument("--train", metavar="TOKENS", default=None,
+                   help="preprocess output whose train split is the training data, for memorisation and the "
+                        "n-gram baseline (default: REFERENCE when it is a preprocess output, else the shards "
+                        "--model was trained on, when readable; without any, no memorisation figures)")
+    p.add_argument("--split", choices=("test", "validation", "train"), default=None,
+                   help="REFERENCE's split when it is a preprocess output (default: test if it has pieces, "
+                        "else validation)")
+    p.add_argument("--generated-checkpoint", metavar="LABEL", default=None,
+                   help="which pieces of a generate output made with --checkpoint all (default: final if there, "
+                        "else the last checkpoint)")
+    p.add_argument("--overlap-n", type=int, default=DEFAULT_OVERLAP_N,
+                   help=f"n-gram length (tokens) of the memorisation overlap (default {DEFAULT_OVERLAP_N})")
+    p.add_argument("--ngram-order", type=int, default=DEFAULT_ORDER,
+                   help=f"order of the Kneser-Ney baseline (default {DEFAULT_ORDER})")
+    p.add_argument("--max-loss-tokens", type=int, default=200_000,
+                   help="reference tokens the model and the n-gram are scored on, at most (default 200000)")
+    p.add_argument("--max-reference", type=int, default=None,
+                   help="use at most this many reference pieces (default: all)")
+    p.add_argument("--format", choices=("table", "json"), default="table",
+                   help="what to print: the table (default) or the whole result as JSON")
+    p.add_argument("--json", metavar="FILE", default=None,
+                   help="also write the whole result as JSON to FILE (default: not written)")
+    from midiforge.storage.cli_options import add_storage_arguments
+
+    add_storage_arguments(p)
+
+
+def main(args) -> int:
+    from midiforge.storage.cli_options import options_from_args
+
+    for name in ("overlap_n", "ngram_order", "max_loss_tokens"):
+        if getattr(args, name) < 1:
+            raise MidiforgeError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    result = evaluate(args.generated, args.reference, model_dir=args.model, checkpoint=args.checkpoint,
+                      train_uri=args.train, split=args.split, generated_checkpoint=args.generated_checkpoint,
+                      overlap_n=args.overlap_n, order=args.ngram_order, max_loss_targets=args.max_loss_tokens,
+                      max_reference=args.max_reference, storage=options_from_args(args))
+    text = json.dumps(result, indent=1)
+    if args.json:
+        with open(args.json, "w") as fh:
+            fh.write(text + "\n")
+    print(text if args.format == "json" else format_table(result))
+    sys.stdout.flush()
+    return 0
