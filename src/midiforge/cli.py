@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("midiforge.pipeline.train", "token shards -> LSTM model bundle (tf.distribute)"),
     "generate": ("midiforge.pipeline.generate", "model bundle -> MIDI pieces from random seeds (Ray)"),
     "verify": ("midiforge.pipeline.verify", "check a stage's output against its manifest"),
+    "evaluate": ("midiforge.pipeline.evaluate", "generated pieces against a reference: metrics, loops, copies, loss"),
+    "report": ("midiforge.pipeline.report", "one static HTML page of a run: curves, evaluation, pieces"),
     "demo": ("midiforge.pipeline.demo", "the whole pipeline on the embedded demo corpus"),
 }
 
