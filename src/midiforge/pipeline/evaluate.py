@@ -417,6 +417,19 @@ def evaluate(generated_uri: str, reference_uri: str, *, model_dir: str | None = 
              overlap_n: int = DEFAULT_OVERLAP_N, order: int = DEFAULT_ORDER, max_loss_targets: int | None = 200_000,
              max_reference: int | None = None, storage: StorageOptions | None = None) -> dict:
     """The whole command: returns the result (see :func:`compare`, plus ``loss`` with ``model_dir``)."""
+    return evaluate_sets(generated_uri, reference_uri, model_dir=model_dir, checkpoint=checkpoint,
+                         train_uri=train_uri, split=split, generated_checkpoint=generated_checkpoint,
+                         overlap_n=overlap_n, order=order, max_loss_targets=max_loss_targets,
+                         max_reference=max_reference, storage=storage)[0]
+
+
+def evaluate_sets(generated_uri: str, reference_uri: str, *, model_dir: str | None = None,
+                  checkpoint: str = "final", train_uri: str | None = None, split: str | None = None,
+                  generated_checkpoint: str | None = None, overlap_n: int = DEFAULT_OVERLAP_N,
+                  order: int = DEFAULT_ORDER, max_loss_targets: int | None = 200_000,
+                  max_reference: int | None = None,
+                  storage: StorageOptions | None = None) -> tuple[dict, PieceSet, PieceSet]:
+    """:func:`evaluate`, also returning the generated and reference :class:`PieceSet` (for the report)."""
     from midiforge.music.tokenizers import make_tokenizer
 
     storage = storage or StorageOptions()
@@ -460,7 +473,7 @@ def evaluate(generated_uri: str, reference_uri: str, *, model_dir: str | None = 
         bundle.check_tokenizer(tokenizer.id, train_uri or reference_uri)
         result["loss"] = loss_comparison(bundle, reference.tokens, [t for _s, t in train], order=order,
                                          max_targets=max_loss_targets)
-    return _clean(result)
+    return _clean(result), generated, reference
 
 
 # -------------------------------------------------------------------------------------------
