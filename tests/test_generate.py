@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import math
 import os
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from corpora import midi_files
@@ -34,6 +36,7 @@ from midiforge.music.piece import Piece
 from midiforge.music.primer import encode_primer, nearest_classic_token, start_primer
 from midiforge.music.readers import read_piece
 from midiforge.music.tokenizers import BOS_ID, EOS_ID, PAD_ID, UNK_ID, make_tokenizer
+from midiforge.pipeline import pieces
 from midiforge.pipeline.generate import GenerateSettings, numpy_weights, run_generate
 from midiforge.storage import file_entry, open_store, read_manifest, verify_store, write_manifest
 from midiforge.storage.shards import SHARD_SCHEMA, int_lists, write_table
@@ -156,7 +159,7 @@ def _jobs(corpus, n: int, primer_len: int = 12) -> list[PieceJob]:
 
 
 def _pieces(dest: str) -> pa.Table:
-    return pq.read_table(os.path.join(dest, "pieces.parquet"))
+    return pieces.read_pieces(dest)
 
 
 def _tokens(dest: str) -> dict:
@@ -334,8 +337,12 @@ def _check_outputs(dest: str, n: int, labels=("final",)) -> pa.Table:
     for col in ("piece_id", "seed", "index", "temperature", "top_k", "top_p", "repetition_penalty", "bundle_sha256",
                 "tokens", "n_notes", "seconds", "midi_path", *M.METRICS):
         assert col in t.column_names
-    for rel, n_notes in zip(t["midi_path"].to_pylist(), t["n_notes"].to_pylist()):
+    assert t.schema.equals(pieces.SCHEMA)
+    assert sum(s["rows"] for s in manifest["shards"]) == n * len(labels)  # every piece in exactly one shard
+    assert sorted(s["path"] for s in manifest["shards"]) == sorted(pieces.list_shards(open_store(dest)))
+    for rel, n_notes, midi in zip(t["midi_path"].to_pylist(), t["n_notes"].to_pylist(), t["midi"].to_pylist()):
         data = Path(dest, rel).read_bytes()
+        assert data == midi  # the shard holds the file's bytes
         assert symusic.Score.from_midi(data).note_num() == n_notes
         mf = m21midi.MidiFile()
         mf.readstr(data)
@@ -370,7 +377,7 @@ def test_resume_makes_only_the_missing_pieces(model_dir, tmp_path):
     run_generate(model_dir, full, 7, settings, seed=3, batch_size=7, workers=0, progress=False)
     run_generate(model_dir, dest, 5, settings, seed=3, batch_size=2, workers=0, progress=False)
     # an interrupted run: the batch of pieces 2-3 never finished, no manifest
-    os.remove(os.path.join(dest, "_work", "part-final-000002.parquet"))
+    os.remove(os.path.join(dest, "pieces", "final", "part-000000002.parquet"))
     os.remove(os.path.join(dest, "manifest.json"))
     with pytest.raises(MidiforgeError, match="--resume"):
         run_generate(model_dir, dest, 7, settings, seed=3, batch_size=2, workers=0, progress=False)
@@ -379,10 +386,166 @@ def test_resume_makes_only_the_missing_pieces(model_dir, tmp_path):
         run_generate(model_dir, dest, 7, other, seed=3, batch_size=2, workers=0, resume=True, progress=False)
     m = run_generate(model_dir, dest, 7, settings, batch_size=3, workers=0, resume=True, progress=False)
     assert m["seed"] == 3 and m["run"]["pieces"] == 4  # pieces 2, 3 (lost) and 5, 6 (new N)
+    assert m["run"]["batches_per_worker"] == [2]  # a batch never spans a gap: [2, 3] and [5, 6]
+    assert [s["first"] for s in m["shards"]] == [0, 2, 4, 5]
     assert _tokens(dest) == _tokens(full)
     _check_outputs(dest, 7)
     again = run_generate(model_dir, dest, 7, settings, workers=0, resume=True, progress=False)
     assert again["run"]["pieces"] == 0 and again["pieces"] == 7
+
+
+def _objects(dest) -> list[str]:
+    return [o.path for o in open_store(str(dest)).list()]
+
+
+def test_no_midi_files_keeps_every_piece_in_the_shards(model_dir, tmp_path):
+    """--no-midi-files: no per-piece object, and the shards hold the bytes each file would have had."""
+    import symusic
+
+    a, b = tmp_path / "files", tmp_path / "nofiles"
+    common = ["-n", "5", "--seed", "4", "--max-tokens", "40", "--top-k", "20", "--piano-roll", "--workers", "0",
+              "--no-progress", "--batch-size", "2"]
+    assert cli_main(["generate", model_dir, str(a), *common]) == 0
+    assert cli_main(["generate", model_dir, str(b), *common, "--no-midi-files"]) == 0
+    objects = _objects(b)
+    assert not [o for o in objects if o.startswith(("midi/", "png/"))], objects
+    assert sorted(objects) == sorted(["manifest.json", "_work/settings.json", *pieces.list_shards(open_store(str(b)))])
+    assert len(pieces.list_shards(open_store(str(b)))) == 3  # batches of 2, 2, 1
+    m = read_manifest(open_store(str(b)))
+    assert m["settings"]["midi_files"] is False and m["pieces"] == 5
+    assert sorted(f["path"] for f in m["files"]) == sorted(s["path"] for s in m["shards"])
+    assert verify_store(open_store(str(b))).ok
+    with_files, t = _pieces(str(a)), _pieces(str(b))
+    assert t["midi_path"].null_count == 5 and t["png_path"].null_count == 5
+    assert t["tokens"].to_pylist() == with_files["tokens"].to_pylist()
+    for row, ref in zip(t.to_pylist(), with_files.to_pylist()):
+        file_bytes = (a / ref["midi_path"]).read_bytes()
+        assert hashlib.sha256(row["midi"]).hexdigest() == hashlib.sha256(file_bytes).hexdigest() == row["midi_sha256"]
+        assert len(row["midi"]) == row["midi_bytes"]
+        assert symusic.Score.from_midi(row["midi"]).note_num() == row["n_notes"]
+        assert row["png"] == (a / ref["png_path"]).read_bytes() and row["png"][:4] == b"\x89PNG"
+    # the files can be made later from the shards, under the names --midi-files gives them
+    assert pieces.export_midi(str(b), str(tmp_path / "exported")) == 5
+    for ref in with_files.to_pylist():
+        assert (tmp_path / "exported" / ref["midi_path"]).read_bytes() == (a / ref["midi_path"]).read_bytes()
+    # --resume keeps the layout of the run it continues
+    with pytest.raises(MidiforgeError, match="settings"):
+        run_generate(model_dir, str(b), 6, GenerateSettings(sampling=SamplingSettings(top_k=20), limits=Limits(40),
+                                                            piano_roll=True), workers=0, resume=True, progress=False)
+
+
+def test_read_and_iter_pieces_round_trip(model_dir, tmp_path):
+    dest = str(tmp_path / "out")
+    settings = GenerateSettings(sampling=SamplingSettings(top_k=30), limits=Limits(30))
+    run_generate(model_dir, dest, 7, settings, seed=8, checkpoint="all", batch_size=3, workers=0, progress=False)
+    store = open_store(dest)
+    manifest = read_manifest(store)
+    table = pieces.read_pieces(dest)
+    assert table.schema.equals(pieces.SCHEMA) and table.num_rows == 21
+    labels = ["epoch-0001", "epoch-0002", "final"]
+    assert list(zip(table["checkpoint"].to_pylist(), table["index"].to_pylist())) == \
+        [(c, i) for c in labels for i in range(7)]  # piece order
+    assert [(s["checkpoint"], s["first"], s["rows"]) for s in manifest["shards"]] == \
+        [(c, f, r) for c in labels for f, r in ((0, 3), (3, 3), (6, 1))]
+    assert manifest["shards"][0]["path"] == pieces.shard_rel(0, "epoch-0001") == "pieces/epoch-0001/part-000000000.parquet"
+    batches = list(pieces.iter_pieces(dest))
+    assert all(isinstance(b, pa.RecordBatch) for b in batches)
+    assert pa.Table.from_batches(batches).equals(table)
+    # only some columns, from a Store object too
+    some = pieces.read_pieces(store, columns=["tokens", "piece_id"])
+    assert some.column_names == ["tokens", "piece_id"] and some.equals(table.select(["tokens", "piece_id"]))
+    idx = pa.Table.from_batches(list(pieces.iter_pieces(store, columns=["index"])))
+    assert idx.column_names == ["index"] and idx["index"].to_pylist() == list(range(7)) * 3
+    # what each shard holds is one batch's rows as written
+    for entry in manifest["shards"]:
+        t = pq_read(Path(dest, entry["path"]))
+        assert t.num_rows == entry["rows"] and t["index"].to_pylist() == list(range(entry["first"], entry["first"] + entry["rows"]))
+    with pytest.raises(MidiforgeError, match="no column 'midi_file'"):
+        pieces.read_pieces(dest, columns=["midi_file"])
+    with pytest.raises(MidiforgeError, match="not a pieces table: .*tokens"):
+        pieces.write_shard(store, pieces.shard_rel(99), table.drop_columns(["tokens"]))
+    # a shard replaced by another file, one that is gone, no manifest: errors naming the file
+    shard = Path(dest, manifest["shards"][1]["path"])
+    good = shard.read_bytes()
+    shard.write_bytes(good[: len(good) // 2])
+    with pytest.raises(MidiforgeError, match=f"{shard.name}: not a readable pieces shard"):
+        pieces.read_pieces(dest)
+    shard.unlink()
+    with pytest.raises(MidiforgeError, match=f"{shard.name}: no such file"):
+        list(pieces.iter_pieces(dest))
+    with pytest.raises(MidiforgeError, match="no manifest"):
+        pieces.read_pieces(str(tmp_path / "nothing"))
+
+
+def pq_read(path):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path)
+
+
+def test_late_writer_and_smaller_n_leave_each_piece_once(model_dir, tmp_path):
+    """A batch cut differently by an earlier run that finished late overlaps two shards: a resume keeps
+    each piece once (the shards that overlap lose the rows held before); a smaller N drops the rest."""
+    settings = GenerateSettings(sampling=SamplingSettings(top_k=30), limits=Limits(30))
+    dest = str(tmp_path / "d")
+    run_generate(model_dir, dest, 8, settings, seed=5, batch_size=4, workers=0, progress=False)
+    store = open_store(dest)
+    clean = _tokens(dest)
+    late = pieces.read_pieces(dest)
+    late = late.filter(pa.array([2 <= i <= 5 for i in late["index"].to_pylist()]))
+    pieces.write_shard(store, pieces.shard_rel(2), late)  # pieces 2..5 again
+    m = run_generate(model_dir, dest, 8, settings, workers=0, resume=True, progress=False)
+    assert m["run"]["pieces"] == 0 and m["pieces"] == 8
+    # part-000000002 keeps pieces 4, 5 (a rewritten shard keeps its name: "first" says what it holds)
+    assert [(s["path"][-13:], s["first"], s["rows"]) for s in m["shards"]] == \
+        [("00000.parquet", 0, 4), ("00002.parquet", 4, 2), ("00004.parquet", 6, 2)]
+    assert sorted(pieces.list_shards(store)) == [s["path"] for s in m["shards"]]
+    assert _tokens(dest) == clean and verify_store(store).ok
+    # a resume with a smaller N: pieces 6 and 7 leave the output, their files too
+    m = run_generate(model_dir, dest, 6, settings, workers=0, resume=True, progress=False)
+    assert m["pieces"] == 6 and [(s["first"], s["rows"]) for s in m["shards"]] == [(0, 4), (4, 2)]
+    assert _tokens(dest) == {k: v for k, v in clean.items() if k[1] < 6}
+    assert sorted(o for o in _objects(dest) if o.startswith("midi/")) == \
+        [f"midi/final/s5-{i:06d}.mid" for i in range(6)]
+    report = verify_store(store)
+    assert report.ok and report.unlisted == ["_work/settings.json"]
+
+
+def _generate_cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "midiforge.cli", "generate", *args, "--no-progress"]
+
+
+def test_resume_after_kill_gives_each_piece_once(model_dir, tmp_path):
+    """SIGKILL the whole generate job (CLI process, its local Ray and actor) mid-run, resume it with
+    another batch size: every piece exactly once, the same tokens as one clean run."""
+    dest = tmp_path / "killed"
+    n = 160
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    proc = subprocess.Popen(_generate_cli(model_dir, str(dest), "-n", str(n), "--seed", "9", "--max-tokens", "30",
+                                          "--top-k", "30", "--batch-size", "2", "--workers", "1"),
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    shards = dest / "pieces" / "final"
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if len(list(shards.glob("part-*.parquet"))) >= 3:
+                break
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        err = proc.communicate(timeout=60)[1]
+    assert not (dest / "manifest.json").exists(), "the run finished before it could be killed"
+    before = len(list(shards.glob("part-*.parquet")))
+    assert 3 <= before < n // 2, err.decode()[-2000:]
+    settings = GenerateSettings(sampling=SamplingSettings(top_k=30), limits=Limits(30))
+    m = run_generate(model_dir, str(dest), n, settings, batch_size=16, workers=0, resume=True, progress=False)
+    assert m["seed"] == 9 and m["pieces"] == n and 0 < m["run"]["pieces"] <= n - 2 * before
+    clean = tmp_path / "clean"
+    run_generate(model_dir, str(clean), n, settings, seed=9, batch_size=64, workers=0, progress=False)
+    assert _tokens(str(dest)) == _tokens(str(clean))
+    t = _check_outputs(str(dest), n)
+    assert len(set(t["piece_id"].to_pylist())) == n
+    assert t["midi_sha256"].to_pylist() == _pieces(str(clean))["midi_sha256"].to_pylist()
 
 
 def test_every_checkpoint_and_a_midi_primer(model_dir, corpus, tmp_path):
@@ -427,7 +590,8 @@ def test_bundle_and_dest_on_s3(ray_cluster, s3_server, model_dir, tmp_path):
     assert verify_store(out).ok and read_manifest(out)["pieces"] == 3
     local = str(tmp_path / "local")
     run_generate(model_dir, local, 3, GenerateSettings(limits=Limits(40)), seed=5, workers=0, progress=False)
-    t = pq.read_table(io.BytesIO(out.read_bytes("pieces.parquet")))
+    t = pieces.read_pieces(dest, s3_server.options())
+    assert [b.num_rows for b in pieces.iter_pieces(out, columns=["index"])] == [3]
     assert t["tokens"].to_pylist() == _pieces(local)["tokens"].to_pylist()
     # a bundle whose weights were replaced on the server: refused, nothing written
     model.write_bytes("bundle/model.weights.h5", b"not the weights")

@@ -2,9 +2,11 @@
 
 ``midiforge generate MODEL_DIR DEST --num-pieces N`` loads the bundle (verified against its
 manifest), spreads the pieces over Ray actors that each hold the model once, decodes them in
-batches with the LSTM state carried from token to token, and writes one MIDI file per piece,
-``pieces.parquet`` (tokens, settings, metrics) and ``manifest.json`` (last).  Piece ``i`` of
-seed ``S`` has the same tokens whatever the batch size, the number of workers, or a resume.
+batches with the LSTM state carried from token to token, and writes each finished batch as one
+Parquet shard ``pieces/<checkpoint>/part-<first index>.parquet`` (tokens, settings, metrics and
+the MIDI file's bytes: see :mod:`midiforge.pipeline.pieces`), one MIDI file per piece unless
+``--no-midi-files``, and ``manifest.json`` (last).  Piece ``i`` of seed ``S`` has the same tokens
+whatever the batch size, the number of workers, or a resume.
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ class GenerateSettings:
     primer_length: int = 100           # shards: window length (the tutorial's sequence length)
     primer_split: str = "train"        # shards: which split the windows come from
     piano_roll: bool = False
+    midi_files: bool = True            # one MIDI (and PNG) object per piece besides the shards
     engine: str = "auto"
     precision: str = "float64"         # numpy engine: float64 (batch-independent on any BLAS) or float32
 
@@ -73,23 +76,6 @@ class GenerateSettings:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         return d
-
-
-def piece_name(seed: int, index: int) -> str:
-    """The stable file stem of piece ``index`` of seed ``seed``."""
-    return f"s{seed}-{index:06d}"
-
-
-def midi_rel(label: str, seed: int, index: int) -> str:
-    return f"midi/{label}/{piece_name(seed, index)}.mid"
-
-
-def png_rel(label: str, seed: int, index: int) -> str:
-    return f"png/{label}/{piece_name(seed, index)}.png"
-
-
-def part_rel(label: str, first: int) -> str:
-    return f"{WORK}/part-{label}-{first:06d}.parquet"
 
 
 # -------------------------------------------------------------------------------------------
@@ -293,7 +279,8 @@ def _shard_windows(settings: GenerateSettings, models: list[ModelSpec], seed: in
 # the worker (a Ray actor, or a plain object with --workers 0)
 # -------------------------------------------------------------------------------------------
 class GenerateWorker:
-    """Holds every model once; turns a list of piece indices into MIDI files and one part table."""
+    """Holds every model once; turns a list of consecutive piece indices into one pieces shard
+    (and MIDI files with ``midi_files``)."""
 
     def __init__(self, models: list[ModelSpec], settings: GenerateSettings, seed: int, dest_uri: str,
                  storage: StorageOptions, batch_size: int, engine: str) -> None:
@@ -318,12 +305,10 @@ class GenerateWorker:
 
     def run(self, label: str, indices: list[int], primers: list) -> dict:
         """Generate pieces ``indices`` of checkpoint ``label``; ``primers[k]`` = (ids, qpm, ts, source)."""
-        import pyarrow as pa
-
         from midiforge.music.metrics import all_metrics
         from midiforge.music.midi_io import piano_roll_png, piece_to_midi
+        from midiforge.pipeline import pieces
         from midiforge.storage import file_entry, map_parallel
-        from midiforge.storage.shards import int_lists, write_table
 
         started = time.perf_counter()
         spec, tok, eng, clock = self.models[label]
@@ -331,26 +316,28 @@ class GenerateWorker:
         jobs = [PieceJob(i, p[0], p[1]) for i, p in zip(indices, primers)]
         results = decode(eng, jobs, s.sampling, self.seed, s.limits, self.batch_size, clock)
         decoded_at = time.perf_counter()
-        rows: dict[str, list] = {k: [] for k in _ROW_COLUMNS}
+        rows: dict[str, list] = {k: [] for k in pieces.COLUMNS}
         writes: list[tuple[str, bytes]] = []
         for res, (_ids, qpm, ts, source) in zip(results, primers):
             piece = tok.decode(res.tokens, time_signature=tuple(ts))
             piece = dataclasses.replace(piece, qpm=qpm, seconds=piece.end() * 60.0 / qpm)
             midi = piece_to_midi(piece, qpm)
-            m_rel = midi_rel(label, self.seed, res.index)
-            writes.append((m_rel, midi))
-            m_entry = file_entry(m_rel, midi)
-            p_rel, p_entry = None, None
+            m_rel = pieces.midi_rel(label, self.seed, res.index) if s.midi_files else None
+            m_entry = file_entry(m_rel or "", midi)
+            if m_rel:
+                writes.append((m_rel, midi))
+            png, p_rel, p_entry = None, None, None
             if s.piano_roll:
                 png = piano_roll_png(piece)
-                p_rel = png_rel(label, self.seed, res.index)
-                writes.append((p_rel, png))
-                p_entry = file_entry(p_rel, png)
+                p_rel = pieces.png_rel(label, self.seed, res.index) if s.midi_files else None
+                p_entry = file_entry(p_rel or "", png)
+                if p_rel:
+                    writes.append((p_rel, png))
             gen = res.generated
             gen = gen[:-1] if len(gen) and res.stop == "eos" else gen
             metrics = all_metrics(piece, gen)
             row = {
-                "piece_id": f"{label}-{piece_name(self.seed, res.index)}", "checkpoint": label,
+                "piece_id": f"{label}-{pieces.piece_name(self.seed, res.index)}", "checkpoint": label,
                 "seed": self.seed, "index": res.index, "bundle_sha256": spec.sha256, "engine": eng.name,
                 "temperature": s.sampling.temperature, "top_k": s.sampling.top_k, "top_p": s.sampling.top_p,
                 "repetition_penalty": s.sampling.repetition_penalty,
@@ -362,68 +349,31 @@ class GenerateWorker:
                 "midi_path": m_rel, "midi_bytes": m_entry["bytes"], "midi_sha256": m_entry["sha256"],
                 "png_path": p_rel, "png_bytes": p_entry["bytes"] if p_entry else None,
                 "png_sha256": p_entry["sha256"] if p_entry else None,
-                **metrics,
+                **metrics, "midi": midi, "png": png,
             }
-            for k in _ROW_COLUMNS:
+            for k in pieces.COLUMNS:
                 rows[k].append(row[k])
         map_parallel(lambda w: self.dest.write_bytes(*w), writes, 8)
-        table = _rows_table(rows, pa, int_lists)
-        write_table(self.dest, part_rel(label, indices[0]), table)  # last: its presence marks the batch done
+        # last: the shard's presence marks the batch done (its name depends only on the batch's pieces)
+        entry = pieces.write_shard(self.dest, pieces.shard_rel(indices[0], label), pieces.rows_table(rows))
         return {"label": label, "pieces": len(results), "tokens": int(sum(len(r.generated) for r in results)),
+                "shard_bytes": entry["bytes"],
                 "worker": f"{socket.gethostname()}:{os.getpid()}",
                 "decode_seconds": decoded_at - started, "seconds": time.perf_counter() - started,
                 "peak_rss": self.peak_rss()}
 
 
-_ROW_COLUMNS = (
-    "piece_id", "checkpoint", "seed", "index", "bundle_sha256", "engine", "temperature", "top_k", "top_p",
-    "repetition_penalty", "repetition_window", "greedy", "max_tokens", "max_seconds", "qpm", "primer",
-    "primer_source", "primer_length", "tokens", "n_tokens", "generated_tokens", "stop_reason", "n_notes",
-    "seconds", "midi_path", "midi_bytes", "midi_sha256", "png_path", "png_bytes", "png_sha256",
-    "pitch_class_entropy", "scale_consistency", "pitch_range", "polyphony", "empty_beat_rate",
-    "longest_repeat", "distinct_4gram_ratio",
-)
-
-
-def _schema(pa):
-    f64, i32, i64, s = pa.float64(), pa.int32(), pa.int64(), pa.string()
-    types = {
-        "piece_id": s, "checkpoint": s, "seed": i64, "index": i64, "bundle_sha256": s, "engine": s,
-        "temperature": f64, "top_k": i32, "top_p": f64, "repetition_penalty": f64, "repetition_window": i32,
-        "greedy": pa.bool_(), "max_tokens": i32, "max_seconds": f64, "qpm": f64, "primer": s,
-        "primer_source": s, "primer_length": i32, "tokens": pa.list_(pa.int32()), "n_tokens": i32,
-        "generated_tokens": i32, "stop_reason": s, "n_notes": i32, "seconds": f64, "midi_path": s,
-        "midi_bytes": i64, "midi_sha256": s, "png_path": s, "png_bytes": i64, "png_sha256": s,
-        "pitch_class_entropy": f64, "scale_consistency": f64, "pitch_range": f64, "polyphony": f64,
-        "empty_beat_rate": f64, "longest_repeat": f64, "distinct_4gram_ratio": f64,
-    }
-    return pa.schema([(k, types[k]) for k in _ROW_COLUMNS])
-
-
-def _rows_table(rows: dict, pa, int_lists):
-    schema = _schema(pa)
-    cols = []
-    for f in schema:
-        if f.name == "tokens":
-            cols.append(int_lists(rows["tokens"]))
-        else:
-            cols.append(pa.array(rows[f.name], type=f.type))
-    return pa.Table.from_arrays(cols, schema=schema)
-
-
 # -------------------------------------------------------------------------------------------
 # the driver
 # -------------------------------------------------------------------------------------------
-def _done_parts(dest) -> dict[str, dict]:
-    """{part path: {label, indices}} of the batches finished by earlier runs."""
-    from midiforge.storage.shards import read_table
-
-    out = {}
-    for o in dest.list(f"{WORK}/"):
-        name = o.path.rsplit("/", 1)[-1]
-        if name.startswith("part-") and name.endswith(".parquet"):
-            t = read_table(dest, o.path, ["checkpoint", "index"])
-            out[o.path] = {"labels": t["checkpoint"].to_pylist(), "indices": t["index"].to_pylist()}
+def _chunks(indices: list[int], size: int) -> list[list[int]]:
+    """Batches of at most ``size`` consecutive indices (a gap ends a batch: a shard holds a range)."""
+    out: list[list[int]] = []
+    for i in indices:
+        if out and len(out[-1]) < size and out[-1][-1] == i - 1:
+            out[-1].append(i)
+        else:
+            out.append([i])
     return out
 
 
@@ -461,6 +411,8 @@ def run_generate(model_dir: str, dest_uri: str, num_pieces: int, settings: Gener
         raise MidiforgeError(f"{dest.uri}: already holds a generate run; pass --resume to add the missing "
                              f"pieces, or use a new DEST")
     saved = json.loads(dest.read_bytes(SETTINGS)) if existing and dest.exists(SETTINGS) else None
+    if saved is not None:  # written before --midi-files existed: those runs wrote MIDI files
+        saved.get("identity", {}).get("settings", {}).setdefault("midi_files", True)
     if saved is not None and seed is None:
         seed = int(saved["identity"]["seed"])
     if seed is None:
@@ -478,11 +430,12 @@ def run_generate(model_dir: str, dest_uri: str, num_pieces: int, settings: Gener
         diff = sorted(k for k in identity if identity[k] != saved["identity"].get(k))
         raise MidiforgeError(f"{dest.uri}: --resume with different {', '.join(diff)} than the run it continues "
                              f"(pieces would not match); use a new DEST")
-    done: set[tuple[str, int]] = set()
-    for info in _done_parts(dest).values():
-        done.update(zip(info["labels"], info["indices"]))
+    from midiforge.pipeline import pieces
+
+    shards = pieces.scan_shards(dest) if existing else {}  # the batches finished by earlier runs
     labels = [m.label for m in models]
-    pending = {lab: [i for i in range(num_pieces) if (lab, i) not in done] for lab in labels}
+    done = pieces.held(shards.values(), labels, num_pieces)
+    pending = {lab: np.flatnonzero(~done[lab]).tolist() for lab in labels}
     n_pending = sum(len(v) for v in pending.values())
     n_workers = 1
     if n_pending and workers != 0:  # the cluster must fit the actors before anything is written
@@ -492,9 +445,7 @@ def run_generate(model_dir: str, dest_uri: str, num_pieces: int, settings: Gener
     tasks = []
     for m in models:
         tok = _tokenizer(m)
-        idx = pending[m.label]
-        for k in range(0, len(idx), chunk_size):
-            chunk = idx[k:k + chunk_size]
+        for chunk in _chunks(pending[m.label], chunk_size):
             primers = [plan.for_piece(tok, i, settings.qpm, m.qpm_median) for i in chunk]
             tasks.append((m.label, chunk, primers))
 
@@ -518,7 +469,7 @@ def run_generate(model_dir: str, dest_uri: str, num_pieces: int, settings: Gener
     return finalize(dest, models, settings, seed, num_pieces, model_dir=model_dir, engine=engine,
                     started=started, run_stats={**stats, "pieces": n_pending, "generate_seconds": gen_seconds,
                                                 "batch_size": batch_size},
-                    primer_mapped=plan.mapped)
+                    primer_mapped=plan.mapped, known=shards)
 
 
 def _tokenizer(spec: ModelSpec):
@@ -625,38 +576,24 @@ def _run_ray(args, tasks, bar, stats, *, n: int, gpus: float, cpus: float) -> No
 
 
 def finalize(dest, models: list[ModelSpec], settings: GenerateSettings, seed: int, num_pieces: int, *,
-             model_dir: str, engine: str, started: float, run_stats: dict, primer_mapped: int = 0) -> dict:
-    """pieces.parquet from the finished batches, then manifest.json (last)."""
+             model_dir: str, engine: str, started: float, run_stats: dict, primer_mapped: int = 0,
+             known: dict | None = None) -> dict:
+    """Check that the shards hold every piece exactly once, then write manifest.json (last).
+
+    Only the shards' small columns are decoded (each shard is read once for its sha256; those
+    ``known`` from the start of the run, with the same size, are not read again).
+    """
     import pyarrow as pa
 
-    from midiforge.storage.shards import read_table, write_table
+    from midiforge.pipeline import pieces
 
     labels = [m.label for m in models]
-    parts = sorted(_done_parts(dest))
-    tables = [read_table(dest, rel) for rel in parts]
-    table = pa.concat_tables(tables) if tables else _schema(pa).empty_table()
-    keep = [lab in labels and idx < num_pieces for lab, idx in
-            zip(table["checkpoint"].to_pylist(), table["index"].to_pylist())]
-    table = table.filter(pa.array(keep, pa.bool_()))
-    order = sorted(range(table.num_rows), key=lambda r: (labels.index(table["checkpoint"][r].as_py()),
-                                                         table["index"][r].as_py()))
-    table = table.take(pa.array(order, pa.int64()))
-    expected = num_pieces * len(labels)
-    if table.num_rows != expected:
-        raise MidiforgeError(f"{dest.uri}: {table.num_rows} pieces finished of {expected}; rerun with --resume")
-    entry = write_table(dest, "pieces.parquet", table)
-    files = []
-    for path, size, digest in zip(table["midi_path"].to_pylist(), table["midi_bytes"].to_pylist(),
-                                  table["midi_sha256"].to_pylist()):
-        files.append({"path": path, "bytes": int(size), "sha256": digest})
-    for path, size, digest in zip(table["png_path"].to_pylist(), table["png_bytes"].to_pylist(),
-                                  table["png_sha256"].to_pylist()):
-        if path:
-            files.append({"path": path, "bytes": int(size), "sha256": digest})
-    files.append({k: entry[k] for k in ("path", "bytes", "sha256")})
-    stops = {}
-    for s in table["stop_reason"].to_pylist():
-        stops[s] = stops.get(s, 0) + 1
+    infos = pieces.settle(dest, pieces.scan_shards(dest, known), labels, num_pieces)
+    small = pa.concat_tables([i.small for i in infos]) if infos else None
+    n_pieces = small.num_rows if small is not None else 0
+    stops: dict[str, int] = {}
+    for reason in (small["stop_reason"].to_pylist() if small is not None else []):
+        stops[reason] = stops.get(reason, 0) + 1
     elapsed = time.time() - started
     gen_tokens = int(run_stats["tokens"])
     gen_seconds = float(run_stats["generate_seconds"])
@@ -666,8 +603,8 @@ def finalize(dest, models: list[ModelSpec], settings: GenerateSettings, seed: in
         "bundles": [{"checkpoint": m.label, "uri": m.uri, "sha256": m.sha256, "epoch": m.epoch} for m in models],
         "seed": seed,
         "num_pieces": num_pieces,
-        "pieces": table.num_rows,
-        "tokens": int(np.sum(table["generated_tokens"].to_numpy())),
+        "pieces": n_pieces,
+        "tokens": int(np.sum(small["generated_tokens"].to_numpy())) if small is not None else 0,
         "stop_reasons": stops,
         "settings": settings.to_dict(),
         "engine": engine,
@@ -677,7 +614,8 @@ def finalize(dest, models: list[ModelSpec], settings: GenerateSettings, seed: in
                 "decode_seconds": round(float(run_stats["decode_seconds"]), 3),  # summed over the workers
                 "batches_per_worker": sorted(run_stats["batches"].values(), reverse=True),
                 "worker_peak_rss_bytes": run_stats["peak_rss"]},
-        "files": files,
+        "shards": pieces.shard_entries(infos),
+        "files": pieces.file_entries(infos),
         "seconds": round(elapsed, 3),
         "tokens_per_second": round(gen_tokens / gen_seconds, 1) if gen_tokens and gen_seconds > 0 else None,
     }
@@ -725,7 +663,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--primer-split", default="train", choices=("train", "validation", "test"))
     g.add_argument("--qpm", type=float, default=None,
                    help="tempo (default: the primer's, else the corpus median recorded by preprocess)")
-    g.add_argument("--piano-roll", action="store_true", help="also write a piano-roll PNG per piece")
+    g.add_argument("--piano-roll", action="store_true", help="also make a piano-roll PNG per piece")
+    o = p.add_argument_group("output")
+    o.add_argument("--midi-files", action=argparse.BooleanOptionalAction, default=True,
+                   help="one object per piece, midi/<checkpoint>/s<seed>-<index>.mid (and png/ with --piano-roll), "
+                        "besides the pieces/ shards that always hold every piece's MIDI bytes (default: on; at "
+                        "dataset scale pass --no-midi-files and extract files later with pieces.export_midi)")
     m.add_argument("--precision", choices=PRECISIONS, default="float64",
                    help="numpy engine arithmetic: float64 (default; a piece's tokens do not depend on the batch "
                         "on any BLAS) or float32 (about 2x faster; batch-independent where the BLAS computes "
@@ -757,7 +700,8 @@ def settings_from_args(args) -> GenerateSettings:
                                 repetition_window=args.repetition_window, greedy=args.greedy)
     return GenerateSettings(sampling=sampling, limits=Limits(args.max_tokens, args.max_seconds), qpm=args.qpm,
                             primer=primer, primer_path=path, primer_length=args.primer_length,
-                            primer_split=args.primer_split, piano_roll=args.piano_roll, engine=args.engine,
+                            primer_split=args.primer_split, piano_roll=args.piano_roll,
+                            midi_files=args.midi_files, engine=args.engine,
                             precision=args.precision)
 
 
@@ -772,5 +716,5 @@ def main(args) -> int:
                             storage=options_from_args(args), progress=not args.no_progress)
     print(json.dumps({k: manifest[k] for k in ("pieces", "tokens", "seed", "stop_reasons", "seconds",
                                                "tokens_per_second")}))
-    print(f"pieces: {open_store(args.dest, options_from_args(args)).url('midi/')}")
+    print(f"pieces: {open_store(args.dest, options_from_args(args)).url('midi/' if settings.midi_files else 'pieces/')}")
     return 0
