@@ -5,9 +5,11 @@
 * midiforge, in process: the NumPy engine's batched stateful decoding (sampling at temperature 1),
   one BLAS thread (= one Ray actor's core), batch sizes 1 .. 1024, float64 (default) and float32.
 * keras stateful: the same loop on the stateful tf_keras build (the GPU engine), for reference.
-* the real stage: ``run_generate`` on a local Ray with N actors (MIDI files, pieces.parquet,
-  manifest): wall-clock tokens per second (actor start-up, MIDI files, metrics and manifest
-  included), decoding tokens per second per actor, and the peak memory of an actor.
+* the real stage: ``run_generate`` on a local Ray with N actors (pieces/ shards, MIDI files,
+  manifest): wall-clock tokens per second (actor start-up, MIDI files, metrics, shards and
+  manifest included), decoding tokens per second per actor, and the peak memory of an actor;
+  the largest batch size once more with ``--no-midi-files`` (shards only: the dataset-scale way),
+  with the objects each run wrote.
 
 The model has random weights (speed does not depend on them).  Prints one JSON object.
 
@@ -85,7 +87,7 @@ def keras_stateful(bundle, batch_sizes, steps: int) -> list:
 
 
 def ray_stage(model_dir: str, batch_sizes, workers: int, max_tokens: int, tutorial_tps: float,
-              precision: str = "float64") -> list:
+              precision: str = "float64", midi_files: bool = True) -> list:
     from midiforge.model.decode import Limits
     from midiforge.model.sampling import SamplingSettings
     from midiforge.pipeline.generate import GenerateSettings, run_generate
@@ -94,14 +96,17 @@ def ray_stage(model_dir: str, batch_sizes, workers: int, max_tokens: int, tutori
 
     start_ray(None, workers)  # a private local Ray with `workers` CPUs (never a `ray start` cluster)
     out = []
-    settings = GenerateSettings(sampling=SamplingSettings(), limits=Limits(max_tokens), precision=precision)
+    settings = GenerateSettings(sampling=SamplingSettings(), limits=Limits(max_tokens), precision=precision,
+                                midi_files=midi_files)
     for b in batch_sizes:
         pieces = max(workers * b, 16)  # one batch per actor
         with tempfile.TemporaryDirectory(prefix="midiforge-bench-") as dest:
             m = run_generate(model_dir, os.path.join(dest, "out"), pieces, settings, seed=1, batch_size=b,
                              workers=workers, progress=False)
+            objects = sum(len(files) for _root, _dirs, files in os.walk(os.path.join(dest, "out")))
         run = m["run"]
-        out.append({"batch_size": b, "precision": precision, "workers": run["workers"], "pieces": pieces,
+        out.append({"batch_size": b, "precision": precision, "midi_files": midi_files, "workers": run["workers"],
+                    "pieces": pieces, "objects": objects, "shards": len(m["shards"]),
                     "tokens": run["tokens"],
                     "wall_seconds": run["generate_seconds"], "tokens_per_second": m["tokens_per_second"],
                     "speedup_vs_tutorial": round(m["tokens_per_second"] / tutorial_tps, 1),
@@ -167,13 +172,14 @@ def main() -> None:
         ray_sizes = [int(x) for x in args.ray_batch_sizes.split(",") if x]
         ray_rows = ray_stage(model_dir, ray_sizes, args.workers, args.ray_max_tokens, tps)
         ray_rows += ray_stage(model_dir, [max(ray_sizes)], args.workers, args.ray_max_tokens, tps, "float32")
+        ray_rows += ray_stage(model_dir, [max(ray_sizes)], args.workers, args.ray_max_tokens, tps, midi_files=False)
         tutorial_after = tutorial_loop(model, tok.vocab_size, args.window, args.tutorial_notes)
         fastest = max(tps, tutorial_after["tokens_per_second"])
         for row in in_process + ray_rows:
             row["speedup_vs_tutorial"] = round(row["tokens_per_second"] / fastest, 1)
-    default = [r for r in in_process + ray_rows if r["precision"] == "float64"]
+    default = [r for r in in_process + ray_rows if r["precision"] == "float64" and r.get("midi_files", True)]
     best = max(r["tokens_per_second"] or 0 for r in default)
-    best_stage = max(r["tokens_per_second"] or 0 for r in ray_rows if r["precision"] == "float64")
+    best_stage = max(r["tokens_per_second"] or 0 for r in ray_rows if r["precision"] == "float64" and r["midi_files"])
     report = {
         "benchmark": "generate",
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_before": load_before,
