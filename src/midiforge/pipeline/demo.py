@@ -87,7 +87,9 @@ def main(args) -> int:
                 "--max-tokens", "512", "--top-p", "0.95", "--piano-roll", *workers, *resume])
     if code:
         return code
-    midi = sorted(pieces.rglob("*.mid"))
-    print(f"demo: {len(midi)} MIDI files in {pieces}/midi/ (pieces.parquet has their metrics); "
-          f"model bundle in {model}/bundle/")
+    from midiforge.pipeline.pieces import read_pieces
+
+    midi = read_pieces(str(pieces), columns=["midi_path"])["midi_path"].drop_null()
+    print(f"demo: {len(midi)} MIDI files in {pieces}/midi/ (tokens and metrics in the Parquet shards of "
+          f"{pieces}/pieces/: midiforge.pipeline.pieces.read_pieces); model bundle in {model}/bundle/")
     return 0
