@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 from midiforge.errors import MidiforgeError
@@ -44,8 +45,24 @@ def _modules() -> dict[str, object]:
     return out
 
 
+#: a value argparse would take for an option because it starts with "-": ``-3..3``, ``-2,0,2``
+_NEGATIVE_VALUE = re.compile(r"-\d+(\.\.-?\d+|(,-?\d+)+)")
+
+
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """``--transpose -3..3`` -> ``--transpose=-3..3`` (argparse reads ``-3..3`` as an unknown option)."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and _NEGATIVE_VALUE.fullmatch(arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     modules = _modules()
+    argv = _join_negative_values(list(sys.argv[1:] if argv is None else argv))
     args = build_parser(modules).parse_args(argv)
     try:
         return int(modules[args.command].main(args) or 0)

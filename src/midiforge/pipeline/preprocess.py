@@ -473,7 +473,12 @@ def run_preprocess(src: str, dest_uri: str, settings: PreprocessSettings, *, res
     clock.lap("setup")
 
     if todo:
-        start_ray(address, workers)
+        try:
+            start_ray(address, workers)
+        except BaseException:
+            if not existing and not journals:  # nothing was done: leave DEST as it was, so a retry needs no --resume
+                dest.delete(f"{WORK}/settings.json")
+            raise
         resources = ray.cluster_resources()
         clock.lap("ray_start")
         cpus = int(resources.get("CPU", 1))
@@ -746,7 +751,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--seed", type=int, default=0)
     x = p.add_argument_group("execution")
     x.add_argument("--resume", action="store_true", help="continue a run in DEST, skipping inputs already done")
-    x.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    x.add_argument("--address", help="Ray cluster address HEAD:PORT (default: RAY_ADDRESS, else a private local Ray "
+                                      "on 127.0.0.1)")
+    x.add_argument("--cluster", choices=("none", "slurm"), default="none",
+                   help="slurm: start a Ray cluster across this Slurm job's nodes for the run and stop it after "
+                        "(run inside sbatch: slurm/preprocess.sbatch); default none")
     x.add_argument("--workers", type=int, help="parallel tasks (default: every CPU of the cluster)")
     x.add_argument("--batch-files", type=int, help="files per Ray task (default: automatic)")
     x.add_argument("--no-progress", action="store_true")
@@ -771,10 +780,12 @@ def settings_from_args(args) -> PreprocessSettings:
 def main(args) -> int:
     from midiforge.storage.cli_options import options_from_args
 
+    from midiforge.pipeline.slurm_ray import run_with_cluster
+
     settings = settings_from_args(args)
-    manifest = run_preprocess(args.src, args.dest, settings, resume=args.resume, workers=args.workers,
-                              batch_files=args.batch_files, address=args.address,
-                              storage=options_from_args(args), progress=not args.no_progress)
+    manifest = run_with_cluster(args.cluster, args.address, lambda address: run_preprocess(
+        args.src, args.dest, settings, resume=args.resume, workers=args.workers, batch_files=args.batch_files,
+        address=address, storage=options_from_args(args), progress=not args.no_progress))
     shown = ("inputs", "pieces", "duplicates", "failures", "failure_reasons", "rows", "tokens", "tokenizer", "seconds",
              "files_per_second", "timing")  # timing: not in the manifest of a run from before it existed
     print(json.dumps({k: manifest[k] for k in shown if k in manifest}))
