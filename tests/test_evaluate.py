@@ -12,8 +12,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from midiforge.cli import main as cli_main
@@ -47,18 +45,27 @@ def loop_tokens(k: int = 16) -> np.ndarray:
     return np.array([BOS_ID, v.index("TEMPO_19"), v.index("VELOCITY_4"), *body, EOS_ID], dtype=np.int64)
 
 
-def _pieces_table(dest: Path, items: list[tuple[str, np.ndarray, Piece]]) -> None:
-    """A generate-style output: midi/final/<name>.mid and pieces.parquet with tokens and midi_path."""
-    rows = {"piece_id": [], "checkpoint": [], "seed": [], "index": [], "tokens": [], "midi_path": []}
+def _pieces_output(dest: Path, items: list[tuple[str, np.ndarray, Piece]]) -> None:
+    """A finished generate output in the pieces format (one shard, manifest last), these pieces in it."""
+    from midiforge.pipeline.pieces import COLUMNS, file_entries, read_shard_info, rows_table, shard_entries, \
+        shard_rel, write_shard
+    from midiforge.storage import file_entry, open_store, write_manifest
+
+    store = open_store(str(dest))
+    rows: dict[str, list] = {c: [] for c in COLUMNS}
     for i, (name, tokens, piece) in enumerate(items):
-        rel = f"midi/final/{name}.mid"
-        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        (dest / rel).write_bytes(piece_to_midi(piece))
-        for k, v in (("piece_id", f"final-{name}"), ("checkpoint", "final"), ("seed", 0), ("index", i),
-                     ("tokens", [int(x) for x in tokens]), ("midi_path", rel)):
-            rows[k].append(v)
-    table = pa.table({**rows, "tokens": pa.array(rows["tokens"], pa.list_(pa.int32()))})
-    pq.write_table(table, dest / "pieces.parquet")
+        midi = piece_to_midi(piece)
+        entry = file_entry(f"midi/final/{name}.mid", midi)
+        values = {"piece_id": f"final-{name}", "checkpoint": "final", "seed": 0, "index": i, "tokens": tokens,
+                  "n_tokens": len(tokens), "generated_tokens": len(tokens), "n_notes": len(piece),
+                  "seconds": piece.end() * 0.5, "qpm": 120.0, "midi": midi, "midi_path": None,
+                  "midi_bytes": entry["bytes"], "midi_sha256": entry["sha256"]}
+        for c in COLUMNS:
+            rows[c].append(values.get(c))
+    write_shard(store, shard_rel(0), rows_table(rows))
+    info = read_shard_info(store, shard_rel(0))
+    write_manifest(store, {"stage": "generate", "bundles": [{"checkpoint": "final"}], "pieces": len(items),
+                           "shards": shard_entries([info]), "files": file_entries([info])})
 
 
 @pytest.fixture
@@ -69,7 +76,7 @@ def known(tmp_path):
     lt = loop_tokens()
     items = [("scale", TOK.encode(scale()), scale()), ("chord", TOK.encode(chord()), chord()),
              ("loop", lt, TOK.decode(lt)), ("scale-again", TOK.encode(scale()), scale())]
-    _pieces_table(gen, items)
+    _pieces_output(gen, items)
     (ref / "scale.mid").write_bytes(piece_to_midi(scale()))
     (ref / "chord.mid").write_bytes(piece_to_midi(chord()))
     return gen, ref
@@ -206,3 +213,9 @@ def test_bad_input_is_one_clear_error(known, tmp_path, capsys):
     assert "--train must be a preprocess output" in capsys.readouterr().err
     assert cli_main(["evaluate", str(gen), str(ref), "--generated-checkpoint", "epoch-0009"]) == 2
     assert "no pieces of checkpoint 'epoch-0009'" in capsys.readouterr().err
+    unfinished = tmp_path / "unfinished"
+    (unfinished / "pieces" / "final").mkdir(parents=True)
+    shard = next((gen / "pieces" / "final").glob("part-*.parquet"))
+    (unfinished / "pieces" / "final" / shard.name).write_bytes(shard.read_bytes())
+    assert cli_main(["evaluate", str(unfinished), str(ref)]) == 2
+    assert f"{unfinished}: a generate output without manifest.json" in capsys.readouterr().err

@@ -63,22 +63,22 @@ class PieceSet:
 
 
 def _read_pieces_table(uri: str, storage: StorageOptions | None):
-    """The generate output's pieces table, or None when ``uri`` holds none."""
-    try:
-        from midiforge.pipeline.pieces import read_pieces  # the pieces module (Parquet shards)
-    except ImportError:
-        read_pieces = None
-    store = open_store(uri, storage)
-    if read_pieces is not None:
-        try:
-            return read_pieces(uri, storage=storage)
-        except MidiforgeError:
-            if not store.exists("pieces.parquet"):
-                return None
-    if store.exists("pieces.parquet"):
-        from midiforge.storage.shards import read_table
+    """The pieces of a finished generate output (:func:`midiforge.pipeline.pieces.read_pieces`), or
+    None when ``uri`` is not a generate output (then it is read as a folder of MIDI files)."""
+    from midiforge.pipeline.pieces import list_shards, read_pieces
 
-        return read_table(store, "pieces.parquet")
+    store = open_store(uri, storage)
+    if store.exists("manifest.json"):
+        try:
+            stage = json.loads(store.read_bytes("manifest.json")).get("stage")
+        except (json.JSONDecodeError, AttributeError):
+            raise MidiforgeError(f"{store.url('manifest.json')}: not a valid manifest") from None
+        if stage == "generate":
+            return read_pieces(store, columns=["piece_id", "checkpoint", "tokens", "midi_path", "midi"])
+        return None
+    if list_shards(store):
+        raise MidiforgeError(f"{store.uri}: a generate output without manifest.json (the run did not finish); "
+                             f"finish it with generate --resume")
     return None
 
 
@@ -101,30 +101,28 @@ def _encode(tokenizer, piece) -> np.ndarray:
 
 def load_generated(uri: str, tokenizer, storage: StorageOptions | None = None,
                    checkpoint: str | None = None) -> PieceSet:
-    """A generate output (pieces table, MIDI read from it or beside it) or a folder of MIDI files."""
+    """A generate output (its pieces shards: notes from each row's MIDI bytes, tokens from its
+    ``tokens`` when they are the evaluation tokenizer's) or a folder of MIDI files."""
     from midiforge.music.readers import read_piece
 
     table = _read_pieces_table(uri, storage)
     if table is None:
         return load_midi_folder(uri, tokenizer, storage)
     store = open_store(uri, storage)
-    labels = table["checkpoint"].to_pylist() if "checkpoint" in table.column_names else [None] * table.num_rows
-    if checkpoint is None and labels and labels[0] is not None:
+    labels = table["checkpoint"].to_pylist()
+    if checkpoint is None and labels:
         checkpoint = "final" if "final" in labels else labels[-1]
-    rows = [r for r in range(table.num_rows) if checkpoint is None or labels[r] == checkpoint]
+    rows = [r for r in range(table.num_rows) if labels[r] == checkpoint]
     if not rows:
         raise MidiforgeError(f"{store.uri}: no pieces of checkpoint {checkpoint!r} (it has {sorted(set(labels))})")
     out = PieceSet(store.uri, "pieces")
-    cols = table.column_names
     own_tokens = 0
     for r in rows:
-        path = table["midi_path"][r].as_py() if "midi_path" in cols else None
-        data = table["midi"][r].as_py() if "midi" in cols else None
+        path = table["midi_path"][r].as_py()
+        data = table["midi"][r].as_py()
+        name = table["piece_id"][r].as_py()
         if data is None:
-            if not path:
-                raise MidiforgeError(f"{store.uri}: piece row {r} has neither MIDI bytes nor a midi_path")
-            data = store.read_bytes(path)
-        name = table["piece_id"][r].as_py() if "piece_id" in cols else (path or f"row-{r}")
+            raise MidiforgeError(f"{store.uri}: piece {name} has no MIDI bytes")
         try:
             piece = read_piece(path or f"{name}.mid", data)
         except PieceError as exc:
@@ -134,14 +132,14 @@ def load_generated(uri: str, tokenizer, storage: StorageOptions | None = None,
             from midiforge.music.piece import Piece
 
             piece = Piece.from_columns([], [], [], [], [])
-        tokens = None
-        if "tokens" in cols:
-            t = np.asarray(table["tokens"][r].as_py() or [], dtype=np.int64)
-            if _tokens_match(tokenizer, t, piece):
-                tokens, own_tokens = t, own_tokens + 1
+        tokens = np.asarray(table["tokens"][r].as_py() or [], dtype=np.int64)
+        if _tokens_match(tokenizer, tokens, piece):
+            own_tokens += 1
+        else:  # another tokenizer's ids: the notes, encoded with the evaluation's
+            tokens = _encode(tokenizer, piece)
         out.names.append(name)
         out.pieces.append(piece)
-        out.tokens.append(tokens if tokens is not None else _encode(tokenizer, piece))
+        out.tokens.append(tokens)
         out.midi.append(data)
     out.split = checkpoint
     out.tokens_from = ("the pieces table" if own_tokens == len(out) else
