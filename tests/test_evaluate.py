@@ -90,6 +90,7 @@ def test_known_pieces_give_known_values(known, tmp_path, capsys):
     assert "pitch_class_entropy" in printed and "identical pieces: generated 1, reference 0" in printed
     result = json.loads(out.read_text())
     assert result["generated"]["tokens_from"] == "the pieces table"   # the table's own tokens were kept
+    assert result["generated"]["checkpoint"] == "final" and result["reference"]["kind"] == "midi"
     rows = {r["name"]: r for r in result["pieces"]}
     assert list(rows) == ["final-scale", "final-chord", "final-loop", "final-scale-again"]
 

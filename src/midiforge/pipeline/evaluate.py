@@ -3,7 +3,7 @@ model's held-out loss next to an n-gram baseline.
 
 ``midiforge evaluate GENERATED REFERENCE [--model MODEL_DIR]``
 
-* ``GENERATED``: a generate output (its pieces table) or a folder of MIDI files.
+* ``GENERATED``: a generate output (its pieces shards) or a folder of MIDI files.
 * ``REFERENCE``: a folder of MIDI files, or a preprocess output (``DEST``), whose held-out split
   is used (``--split``, default: test if it has pieces, else validation).
 * For every metric of :mod:`midiforge.music.metrics`: mean and spread of each set, and how far
@@ -54,7 +54,8 @@ class PieceSet:
     pieces: list = field(default_factory=list)  # Piece
     tokens: list = field(default_factory=list)  # np.ndarray of the evaluation tokenizer's ids
     midi: list = field(default_factory=list)    # MIDI bytes (None for token sets)
-    split: str | None = None
+    split: str | None = None                    # the preprocess split (token sets)
+    checkpoint: str | None = None               # the checkpoint whose pieces these are (generate outputs)
     tokens_from: str = ""                       # how the tokens were obtained
     skipped: list = field(default_factory=list)  # (name, reason) of inputs that gave no piece
 
@@ -141,7 +142,7 @@ def load_generated(uri: str, tokenizer, storage: StorageOptions | None = None,
         out.pieces.append(piece)
         out.tokens.append(tokens)
         out.midi.append(data)
-    out.split = checkpoint
+    out.checkpoint = checkpoint
     out.tokens_from = ("the pieces table" if own_tokens == len(out) else
                        f"{tokenizer.id} encoding of the notes" if own_tokens == 0 else
                        f"the pieces table ({own_tokens}) and {tokenizer.id} encoding of the notes")
@@ -381,7 +382,7 @@ def compare(generated: PieceSet, reference: PieceSet, *, train: list[tuple[str, 
     r_keys = [M.sequence_key(_content(t)) for t in reference.tokens]
     result = {
         "generated": {"uri": generated.uri, "kind": generated.kind, "pieces": len(generated),
-                      "checkpoint": generated.split if generated.kind == "pieces" else None,
+                      "checkpoint": generated.checkpoint,
                       "tokens_from": generated.tokens_from, "skipped": [list(s) for s in generated.skipped]},
         "reference": {"uri": reference.uri, "kind": reference.kind, "pieces": len(reference),
                       "split": reference.split, "tokens_from": reference.tokens_from,
@@ -531,7 +532,7 @@ def format_table(result: dict) -> str:
 # -------------------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("generated", metavar="GENERATED",
-                   help="a generate output (its pieces table) or a folder of MIDI files: local, file:// or s3://")
+                   help="a generate output (its pieces shards) or a folder of MIDI files: local, file:// or s3://")
     p.add_argument("reference", metavar="REFERENCE",
                    help="a folder of MIDI files, or a preprocess output (its held-out split, see --split)")
     p.add_argument("--model", metavar="MODEL_DIR", default=None,

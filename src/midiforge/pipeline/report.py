@@ -418,7 +418,7 @@ def build_report(run_dir: str | None, *, out: str | None = None, tokens: str | N
             if seconds > 0:
                 audio_count += 1
                 player = (f'<audio controls preload="metadata" src="assets/{_e(stem)}.wav"></audio>'
-                          f"<div><small>first {min(audio_audio_len(generated.pieces[i]), audio_seconds):.0f} s, "
+                          f"<div><small>first {min(_piece_seconds(generated.pieces[i]), audio_seconds):.0f} s, "
                           f"rendered with {_e(renderer.engine)} and {_e(os.path.basename(renderer.soundfont))}"
                           f"</small></div>")
         values = rows[i]
@@ -479,7 +479,7 @@ def build_report(run_dir: str | None, *, out: str | None = None, tokens: str | N
             "seconds": round(time.time() - started, 2)}
 
 
-def audio_audio_len(piece) -> float:
+def _piece_seconds(piece) -> float:
     """The piece's length in seconds (at its tempo)."""
     return float(piece.end() * 60.0 / float(piece.qpm or 120.0)) if len(piece) else 0.0
 
