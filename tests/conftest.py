@@ -206,3 +206,35 @@ def s3_server():
 def s3_bucket(s3_server) -> str:
     """A fresh empty bucket on ``s3_server``: ``s3://<name>``."""
     return s3_server.new_bucket()
+
+
+# -- Slurm ----------------------------------------------------------------------------------------
+# ``slurm_cluster`` (session): a real 2-node Slurm cluster (slurmctld + one slurmd per node, each host in
+# its own network namespace on a private bridge), see tests/slurmcluster.py for the API.  Skips when not
+# root or when slurm/munge/iproute2 are missing (bash .ci/setup-cluster-deps.sh installs them).
+# ``slurm`` (per test): the same cluster, and after the test every job still queued or running is
+# cancelled and every process a job left is killed; a test that left any fails at teardown.
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real 2-node Slurm cluster for the whole session (started once, stopped at the end)."""
+    from slurmcluster import SlurmCluster, missing_requirements
+
+    why = missing_requirements()
+    if why:
+        pytest.skip(why)
+    cluster = SlurmCluster(nodes=2, cpus_per_node=2)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def slurm(slurm_cluster):
+    """``slurm_cluster``, reset after the test; the test fails if it left jobs or processes behind."""
+    yield slurm_cluster
+    mess = slurm_cluster.reset()
+    if mess["jobs"] or mess["processes"]:
+        pytest.fail(f"the test left Slurm jobs {mess['jobs']} / processes {mess['processes']} (now cleaned up)")

@@ -1,0 +1,233 @@
+"""The Slurm test cluster itself (tests/slurmcluster.py): real slurmctld + two slurmd in network namespaces."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from slurmcluster import SlurmCluster, missing_requirements, wait_until
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
+
+PY = sys.executable
+IP = shutil.which("ip", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") or "ip"
+
+
+def _script(path: Path, body: str) -> Path:
+    path.write_text("#!/bin/bash\nset -euo pipefail\n" + textwrap.dedent(body))
+    path.chmod(0o755)
+    return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+
+
+def _root_ns_ipv4() -> str:
+    return subprocess.run([IP, "-4", "-o", "addr"], capture_output=True, text=True, timeout=30, check=True).stdout
+
+
+def test_two_nodes_have_distinct_names_and_addresses(slurm, tmp_path):
+    where = tmp_path / "where.py"
+    where.write_text(textwrap.dedent(f"""\
+        import json, os, socket, subprocess, sys
+        out = subprocess.run([{IP!r}, "-4", "-o", "addr", "show"], capture_output=True, text=True, check=True).stdout
+        ips = sorted(l.split()[3].split("/")[0] for l in out.splitlines() if l.split()[1] != "lo")
+        rec = {{"procid": os.environ["SLURM_PROCID"], "nodename": os.environ["SLURMD_NODENAME"],
+               "hostname": socket.gethostname(), "resolved": socket.gethostbyname(socket.gethostname()),
+               "ips": ips, "marker": os.environ.get("MF_MARKER")}}
+        with open(os.path.join(sys.argv[1], "task-%s.json" % rec["procid"]), "w") as f:
+            json.dump(rec, f)
+        """))
+    job = _script(tmp_path / "job.sh", f"""\
+        echo "batch $(hostname) $SLURMD_NODENAME $SLURM_JOB_NUM_NODES $MF_MARKER" > {tmp_path}/batch.txt
+        srun --nodes=2 --ntasks=2 --ntasks-per-node=1 {PY} {where} {tmp_path}
+        """)
+    job_id = slurm.sbatch(["--nodes=2", "--ntasks-per-node=1", f"--output={tmp_path}/out.txt", str(job)],
+                          env={"MF_MARKER": "passed-through"}, cwd=tmp_path)
+    assert slurm.wait(job_id, timeout=120) == "COMPLETED", (tmp_path / "out.txt").read_text()
+
+    recs = [json.loads((tmp_path / f"task-{i}.json").read_text()) for i in range(2)]
+    names = sorted(r["nodename"] for r in recs)
+    assert names == slurm.node_names == ["n1", "n2"]
+    for r in recs:
+        assert r["hostname"] == r["nodename"]  # every node has its own hostname
+        assert r["ips"] == [slurm.node_ip(r["nodename"])]  # and exactly its NodeAddr on its interface
+        assert r["resolved"] == slurm.node_ip(r["nodename"])  # hostname -> its address (the nodes' hosts file)
+        assert r["marker"] == "passed-through"  # the submitting environment reached the tasks
+    assert len({r["ips"][0] for r in recs}) == 2
+    assert (tmp_path / "batch.txt").read_text().split() == ["batch", "n1", "n1", "2", "passed-through"]
+    info = slurm.job_info(job_id)
+    assert info["NodeList"] == "n[1-2]" and info["ExitCode"] == "0:0"
+    assert info["WorkDir"] == str(tmp_path)  # sbatch ran in cwd
+    # the node addresses exist only inside the cluster's namespaces
+    root = _root_ns_ipv4()
+    assert not any(ip in root for ip in [slurm.controller_ip, *slurm.node_ips])
+
+
+def test_tcp_between_nodes(slurm, tmp_path):
+    server_ip = slurm.node_ip("n1")
+    server = tmp_path / "server.py"
+    server.write_text(textwrap.dedent("""\
+        import json, os, socket, sys
+        ip, d = sys.argv[1], sys.argv[2]
+        s = socket.socket()
+        s.bind((ip, 0))
+        s.listen(1)
+        s.settimeout(60)
+        with open(os.path.join(d, "port.tmp"), "w") as f:
+            f.write(str(s.getsockname()[1]))
+        os.rename(os.path.join(d, "port.tmp"), os.path.join(d, "port"))
+        conn, peer = s.accept()
+        conn.settimeout(30)
+        msg = conn.recv(1024).decode()
+        conn.sendall(("hello %s from %s" % (msg, socket.gethostname())).encode())
+        conn.close()
+        with open(os.path.join(d, "server.json"), "w") as f:
+            json.dump({"peer": peer[0], "msg": msg, "host": socket.gethostname()}, f)
+        """))
+    client = tmp_path / "client.py"
+    client.write_text(textwrap.dedent("""\
+        import json, os, socket, sys, time
+        ip, d = sys.argv[1], sys.argv[2]
+        deadline = time.monotonic() + 60
+        while not os.path.exists(os.path.join(d, "port")):
+            assert time.monotonic() < deadline, "the server never wrote its port"
+            time.sleep(0.1)
+        port = int(open(os.path.join(d, "port")).read())
+        try:  # the server is on n1's address, not on this node's loopback
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+            loopback = "connected"
+        except ConnectionRefusedError:
+            loopback = "refused"
+        with socket.create_connection((ip, port), timeout=30) as c:
+            c.settimeout(30)
+            c.sendall(socket.gethostname().encode())
+            reply = c.recv(1024).decode()
+        with open(os.path.join(d, "client.json"), "w") as f:
+            json.dump({"reply": reply, "loopback": loopback, "host": socket.gethostname()}, f)
+        """))
+    job = _script(tmp_path / "job.sh", f"""\
+        srun --nodes=1 --ntasks=1 --nodelist=n1 {PY} {server} {server_ip} {tmp_path} &
+        srun --nodes=1 --ntasks=1 --nodelist=n2 {PY} {client} {server_ip} {tmp_path}
+        wait
+        """)
+    job_id = slurm.sbatch(["--nodes=2", f"--output={tmp_path}/out.txt", str(job)])
+    assert slurm.wait(job_id, timeout=120) == "COMPLETED", (tmp_path / "out.txt").read_text()
+    srv = json.loads((tmp_path / "server.json").read_text())
+    cli = json.loads((tmp_path / "client.json").read_text())
+    assert srv == {"peer": slurm.node_ip("n2"), "msg": "n2", "host": "n1"}
+    assert cli == {"reply": "hello n2 from n1", "loopback": "refused", "host": "n2"}
+
+
+def test_scancel_leaves_no_process(slurm, tmp_path):
+    task = _script(tmp_path / "task.sh", f"""\
+        sleep 600 &
+        echo $! > {tmp_path}/child-$SLURMD_NODENAME
+        echo $$ > {tmp_path}/task-$SLURMD_NODENAME.tmp
+        mv {tmp_path}/task-$SLURMD_NODENAME.tmp {tmp_path}/task-$SLURMD_NODENAME
+        wait
+        """)
+    job = _script(tmp_path / "job.sh", f"""\
+        sleep 600 &
+        echo $! > {tmp_path}/batch-child
+        srun --nodes=2 --ntasks=2 --ntasks-per-node=1 {task}
+        """)
+    job_id = slurm.sbatch(["--nodes=2", f"--output={tmp_path}/out.txt", str(job)])
+    slurm.wait_state(job_id, "RUNNING", timeout=60)
+    wait_until(lambda: all((tmp_path / f"task-{n}").exists() for n in slurm.node_names), 60, "both tasks")
+    pids = {int((tmp_path / f).read_text()): host for f, host in
+            [("batch-child", "n1"), ("task-n1", "n1"), ("child-n1", "n1"), ("task-n2", "n2"), ("child-n2", "n2")]}
+    running = {p["pid"]: p["host"] for p in slurm.leftover_processes()}
+    for pid, host in pids.items():  # leftover_processes() sees the job's processes on both nodes
+        assert running.get(pid) == host, (pid, host, running)
+    slurm.scancel(job_id)
+    assert slurm.wait(job_id, timeout=60) == "CANCELLED"
+    assert slurm.wait_no_leftovers(60) == []
+    assert not any(_alive(p) for p in pids)
+    slurm.wait_idle(60)
+
+
+def test_daemonized_job_process_is_found(slurm, tmp_path):
+    """A process that left its job's process tree (double fork, like `ray start`) is not killed by
+    Slurm's linuxproc tracking; leftover_processes() still finds it, on its node."""
+    job = _script(tmp_path / "job.sh", f"""\
+        ( sleep 600 & echo $! > {tmp_path}/daemon.pid )
+        """)
+    job_id = slurm.sbatch(["--nodes=1", "--nodelist=n2", str(job)], cwd=tmp_path)
+    try:
+        assert slurm.wait(job_id, timeout=60) == "COMPLETED"
+        assert (tmp_path / f"slurm-{job_id}.out").exists()  # the default output, in sbatch's cwd
+        pid = int((tmp_path / "daemon.pid").read_text())
+        # the job's slurmstepd goes away, the daemonized sleep stays (and is reported, on its node)
+        wait_until(lambda: [p["pid"] for p in slurm.leftover_processes()] == [pid], 30, "only the daemon left")
+        assert [(p["pid"], p["host"]) for p in slurm.leftover_processes()] == [(pid, "n2")]
+        assert _alive(pid)
+        assert [p["pid"] for p in slurm.kill_leftovers()] == [pid]
+        assert not _alive(pid)
+    finally:
+        slurm.kill_leftovers()
+    assert slurm.leftover_processes() == []
+
+
+def test_requeue_reruns_the_job(slurm, tmp_path):
+    job = _script(tmp_path / "job.sh", f"""\
+        n=${{SLURM_RESTART_COUNT:-0}}
+        echo "$n $(hostname)" > {tmp_path}/run-$n
+        if [ "$n" = 0 ]; then exec sleep 600; fi
+        """)
+    job_id = slurm.sbatch(["--nodes=1", "--requeue", f"--output={tmp_path}/out.txt", str(job)])
+    slurm.wait_state(job_id, "RUNNING", timeout=60)
+    wait_until(lambda: (tmp_path / "run-0").exists(), 60, "the first run")
+    slurm.requeue(job_id)
+    assert slurm.wait(job_id, timeout=240) == "COMPLETED", slurm.job_info(job_id)
+    assert (tmp_path / "run-1").read_text().split()[0] == "1"
+    assert not (tmp_path / "run-2").exists()
+    assert slurm.job_info(job_id)["Restarts"] == "1"
+    assert slurm.wait_no_leftovers(60) == []  # the first run's sleep was killed by the requeue
+
+
+@pytest.mark.skipif(missing_requirements() is not None, reason=str(missing_requirements()))
+def test_stop_leaves_nothing(tmp_path):
+    """A second, own cluster (beside the session one): stop() kills daemons and job processes, deletes
+    the namespaces and the temp dir."""
+    cluster = SlurmCluster(nodes=2, cpus_per_node=1)
+    t0 = time.monotonic()
+    cluster.start()
+    try:
+        print(f"started in {time.monotonic() - t0:.1f}s")
+        assert cluster.node_states() == {"n1": "idle", "n2": "idle"}
+        job = _script(tmp_path / "job.sh", f"""\
+            echo $$ > {tmp_path}/batch.pid
+            srun --nodes=2 sleep 600
+            """)
+        job_id = cluster.sbatch(["--nodes=2", f"--output={tmp_path}/out.txt", str(job)])
+        cluster.wait_state(job_id, "RUNNING", timeout=60)
+        wait_until(lambda: sum(Path(p["cmdline"].split()[0]).name == "sleep" for p in cluster.leftover_processes()) == 2, 60,
+                   "srun's sleep on both nodes")
+        daemons = {name: p.pid for name, p in cluster._daemons.items()}
+        job_pids = [p["pid"] for p in cluster.leftover_processes()]
+        namespaces = [*cluster.netns.values(), cluster.switch_ns]
+        tmpdir = cluster.tmpdir
+        assert set(namespaces) <= set(SlurmCluster._list_netns())
+    finally:
+        t1 = time.monotonic()
+        cluster.stop()  # raises if anything could not be cleaned up
+        print(f"stopped in {time.monotonic() - t1:.1f}s")
+    assert set(daemons) == {"munged", "slurmctld", "n1", "n2"}
+    assert not any(_alive(p) for p in [*daemons.values(), *job_pids])
+    assert not set(namespaces) & set(SlurmCluster._list_netns())
+    assert not tmpdir.exists()
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, timeout=30).stdout
+    assert str(tmpdir) not in ps
+    assert not any(ip in _root_ns_ipv4() for ip in [cluster.controller_ip, *cluster.node_ips])
