@@ -17,6 +17,7 @@ AWS and Kubernetes themselves are not run here.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -222,9 +223,15 @@ def _parse_entrypoint(entrypoint: str):
     assert argv[0] == "midiforge", entrypoint
     parser = _midiforge_parser()
     try:
-        return parser.parse_args(argv[1:])
+        args = parser.parse_args(argv[1:])
     except SystemExit as exc:  # argparse printed why on stderr
         raise AssertionError(f"midiforge's parser rejects the entrypoint {entrypoint!r} (exit {exc.code})") from None
+    # flags spelled in full (argparse would also take an abbreviation, which a new flag can make ambiguous)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+    known = {o for a in sub._actions for o in a.option_strings}
+    flags = [w.split("=", 1)[0] for w in argv[2:] if w.startswith("--")]
+    assert set(flags) <= known, f"{entrypoint!r}: not flags of midiforge {args.command}: {set(flags) - known}"
+    return args
 
 
 def test_kuberay_manifests_parse_with_the_v1_api():
@@ -271,6 +278,8 @@ def test_the_entrypoint_check_is_not_vacuous():
         _parse_entrypoint("midiforge preprocess s3://b/in s3://b/out --no-such-flag")
     with pytest.raises(AssertionError, match="rejects"):
         _parse_entrypoint("midiforge generate s3://b/model s3://b/pieces")  # --num-pieces is required
+    with pytest.raises(AssertionError, match="not flags"):
+        _parse_entrypoint("midiforge generate s3://b/model s3://b/pieces --num-piece 4")  # an abbreviation
 
 
 def _gpus(group: dict) -> int:
@@ -532,7 +541,7 @@ def test_start_head_and_worker_make_a_cluster_with_token_auth():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-# -- the scenario, run as PID 1 of the test's own network + PID namespace -----------------------------------
+# -- the scenario, run in the test's own network + PID namespace -----------------------------------
 
 
 def _listening() -> list[list]:
@@ -610,5 +619,22 @@ def _scenario(tmp: str) -> int:  # pragma: no cover - runs in the namespace, rep
     return 0
 
 
+def _init(tmp: str) -> int:  # pragma: no cover
+    """PID 1 of the namespace: runs the scenario in a child and reaps every process orphaned to it (Ray's
+    daemons outlive the `ray start` that forked them), so that `ray stop` sees them really go."""
+    child = os.fork()
+    if child == 0:
+        code = 1
+        try:
+            code = _scenario(tmp)
+        finally:
+            sys.stdout.flush()
+            os._exit(code)
+    while True:
+        pid, status = os.wait()
+        if pid == child:
+            return os.waitstatus_to_exitcode(status)
+
+
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--scenario":
-    sys.exit(_scenario(sys.argv[2]))
+    sys.exit(_init(sys.argv[2]))
