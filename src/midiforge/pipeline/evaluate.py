@@ -309,9 +309,11 @@ def model_log_probs(bundle, sequences: list[np.ndarray], batch_size: int = 64) -
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
     for a in range(0, len(order), batch_size):
         group = order[a:a + batch_size]
-        seqs = [np.asarray(sequences[i], dtype=np.int64) for i in group]
-        lengths = np.array([len(s) for s in seqs])
-        lp = [np.zeros(n - 1) for n in lengths]
+        lengths = np.array([len(sequences[i]) for i in group])
+        mat = np.zeros((len(group), int(lengths.max())), dtype=np.int64)  # one row per piece, PAD after its end
+        for r, i in enumerate(group):
+            mat[r, :lengths[r]] = sequences[i]
+        lp = np.zeros((len(group), int(lengths.max()) - 1))
         engine.begin(len(group))
         live = np.arange(len(group))
         for step in range(int(lengths.max()) - 1):
@@ -319,15 +321,12 @@ def model_log_probs(bundle, sequences: list[np.ndarray], batch_size: int = 64) -
             if not keep.all():
                 engine.keep(keep)
                 live = live[keep]
-            logits = engine.step(np.array([seqs[r][step] for r in live]))
+            logits = engine.step(mat[live, step])
             logits = logits - logits.max(axis=1, keepdims=True)
             logz = np.log(np.exp(logits).sum(axis=1))
-            target = np.array([seqs[r][step + 1] for r in live])
-            picked = logits[np.arange(len(live)), target] - logz
-            for r, v in zip(live, picked):
-                lp[r][step] = v
-        for i, v in zip(group, lp):
-            out[i] = v
+            lp[live, step] = logits[np.arange(len(live)), mat[live, step + 1]] - logz
+        for r, i in enumerate(group):
+            out[i] = lp[r, :lengths[r] - 1]
     return np.concatenate(out) if out else np.zeros(0)
 
 
