@@ -170,8 +170,13 @@ def run_dir(tmp_path_factory):
     corpus.mkdir()
     for f in files:
         shutil.copy(f, corpus / f.name)
-    assert cli_main(["preprocess", str(corpus), str(root / "tokens"), "--workers", "1",
-                     "--split", "0.6,0.2,0.2"]) == 0
+    import ray
+
+    try:  # preprocess starts a private local Ray in this process: stopped here, whatever happens
+        assert cli_main(["preprocess", str(corpus), str(root / "tokens"), "--workers", "1",
+                         "--split", "0.6,0.2,0.2"]) == 0
+    finally:
+        ray.shutdown()
     assert cli_main(["train", str(root / "tokens"), str(root / "model"), "--epochs", "2", "--steps-per-epoch", "4",
                      "--validation-steps", "2", "--lstm-units", "32", "--embedding-dim", "16", "--batch-size", "8",
                      "--seq-len", "32", "--progress", "none"]) == 0
