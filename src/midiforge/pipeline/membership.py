@@ -5,12 +5,20 @@ establish it; the training function is always the same:
 
 * nothing: no ``TF_CONFIG`` -> one local worker (all local devices), the default.
 * ``TF_CONFIG`` already set: by you, Kubernetes operators, or Ray (Ray Train's
-  TensorflowTrainer sets it for each worker; ``jobs/train_ray.py`` uses that).
+  TensorflowTrainer sets it for each worker; ``midiforge train --launcher ray`` uses that).
 * Slurm: under ``srun`` with more than one task, ``TF_CONFIG`` is built from ``SLURM_*``
   (step node list, tasks per node, task id).  Worker ``p`` (``SLURM_PROCID``) listens on
   ``<its node>:<port_base + SLURM_LOCALID>``.  Block (the default) and cyclic task
   distributions are supported.  (TensorFlow's SlurmClusterResolver needs GPUs to be
   configured, so the plain CPU path builds ``TF_CONFIG`` itself.)
+
+Ports under Slurm: ``--port-base`` if given, else ``MIDIFORGE_PORT_BASE``, else derived from
+the job id, ``20000 + (SLURM_JOB_ID * 8) % 12000`` (:func:`slurm_port_base`), so two jobs
+sharing a node listen on different ports (jobs whose ids differ by a multiple of 1500 share a
+base; each job has 8 ports, one per task on a node: tasks 8 and up of a node may collide with
+the next job id's ports).  The range ends below 32768, where Linux's ephemeral ports begin.
+TensorFlow's gRPC server binds every address of the machine (``0.0.0.0``/``[::]``) on its port,
+whatever host ``TF_CONFIG`` names, even ``127.0.0.1``: the ports are reachable from the network.
 
 The chief is task ``chief`` 0 when the cluster names one, else ``worker`` 0.
 """
@@ -25,7 +33,12 @@ from typing import Mapping
 from midiforge.errors import MidiforgeError
 
 MODES = ("auto", "local", "tf_config", "slurm")
+#: Port base without a Slurm job id (a step run outside a batch job).
 DEFAULT_PORT_BASE = 28400
+#: Ports derived from SLURM_JOB_ID: PORT_RANGE_START + (job id * PORTS_PER_JOB) % PORT_RANGE_SPAN.
+PORT_RANGE_START = 20000
+PORTS_PER_JOB = 8
+PORT_RANGE_SPAN = 12000
 
 
 @dataclass(frozen=True)
@@ -166,6 +179,18 @@ def in_slurm_step(env: Mapping[str, str]) -> bool:
         return False
 
 
+def slurm_port_base(env: Mapping[str, str]) -> int:
+    """The first worker port of this Slurm job: ``20000 + (SLURM_JOB_ID * 8) % 12000``.
+
+    Jobs sharing a node get different bases (unless their ids differ by a multiple of 1500),
+    a requeued job keeps its id and so its ports.  Without a job id: DEFAULT_PORT_BASE.
+    """
+    job = str(env.get("SLURM_JOB_ID", "")).strip()
+    if not job.isdigit():
+        return DEFAULT_PORT_BASE
+    return PORT_RANGE_START + (int(job) * PORTS_PER_JOB) % PORT_RANGE_SPAN
+
+
 def from_slurm(env: Mapping[str, str], port_base: int | None = None) -> Membership:
     """The TF_CONFIG of this ``srun`` task from SLURM_* variables."""
     need = ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NODELIST", "SLURM_STEP_TASKS_PER_NODE")
@@ -173,7 +198,12 @@ def from_slurm(env: Mapping[str, str], port_base: int | None = None) -> Membersh
     if missing:
         raise MidiforgeError(f"Slurm membership: {', '.join(missing)} not set (run the workers with srun, "
                              f"one task per worker)")
-    port_base = int(port_base or env.get("MIDIFORGE_PORT_BASE") or DEFAULT_PORT_BASE)
+    if not port_base and env.get("MIDIFORGE_PORT_BASE"):
+        try:
+            port_base = int(env["MIDIFORGE_PORT_BASE"])
+        except ValueError:
+            raise MidiforgeError(f"MIDIFORGE_PORT_BASE={env['MIDIFORGE_PORT_BASE']!r} is not a port number") from None
+    port_base = int(port_base or slurm_port_base(env))
     nodes = expand_hostlist(env["SLURM_STEP_NODELIST"])
     per_node = expand_tasks_per_node(env["SLURM_STEP_TASKS_PER_NODE"])
     ntasks, procid = int(env["SLURM_STEP_NUM_TASKS"]), int(env["SLURM_PROCID"])
@@ -200,6 +230,9 @@ def from_slurm(env: Mapping[str, str], port_base: int | None = None) -> Membersh
     if local is not None and int(local) != slots[procid][1]:
         raise MidiforgeError(f"Slurm membership: task {procid} has SLURM_LOCALID={local}, expected "
                              f"{slots[procid][1]} for {dist} distribution")
+    if port_base < 1 or port_base + max(i for _, i in slots) > 65535:
+        raise MidiforgeError(f"Slurm membership: port base {port_base} with {max(per_node)} tasks on a node "
+                             f"leaves the port range 1..65535")
     workers = [f"{node}:{port_base + i}" for node, i in slots]
     return Membership("slurm", tf_config_for(workers, procid))
 

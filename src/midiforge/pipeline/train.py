@@ -5,12 +5,17 @@ s3://) and writes the model bundle, checkpoints, metrics.jsonl and TensorBoard f
 MODEL_DIR (local or s3://; layout in :mod:`midiforge.model.bundle`).  Settings come from the
 flags, a TOML file (``--config``; flags win), the run being continued, then the defaults.
 
-Workers: one local worker without configuration; TF_CONFIG; Slurm (srun); Ray (TF_CONFIG set
-per worker by jobs/train_ray.py).  Only the chief writes to MODEL_DIR.
+Workers: one local worker without configuration; TF_CONFIG; Slurm (srun); Ray (``--launcher
+ray``: Ray Train sets TF_CONFIG per worker, :mod:`midiforge.pipeline.train_ray`).  Only the
+chief writes to MODEL_DIR.
 
-Resuming: running the same command again after a crash or kill continues from the last backup
-(BackupAndRestore: the exact epoch and step) or the latest checkpoint; ``--resume`` continues a
-finished run to ``--epochs`` (also from object storage).
+Stopping: SIGTERM or SIGUSR1 to any worker makes every worker stop after the same step, back
+up that step and exit with STOP_EXIT_CODE (75, EX_TEMPFAIL: "run the same command again").
+
+Resuming: running the same command again after a stop, crash or kill continues from the last
+backup (BackupAndRestore: the exact epoch and step) or the latest checkpoint; on a finished
+run it does nothing (exit 0); ``--resume`` continues a finished run to ``--epochs`` (also from
+object storage).
 """
 from __future__ import annotations
 
@@ -18,8 +23,11 @@ import argparse
 import datetime as _dt
 import json
 import os
+import select
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -61,6 +69,120 @@ MAX_VALIDATION_STEPS = 200
 RUN = "run.json"
 METRICS = "metrics.jsonl"
 BACKUP_PREFIX = "backup"
+
+#: Exit status of a worker that stopped on SIGTERM/SIGUSR1 (after a backup when backups are
+#: on): EX_TEMPFAIL of sysexits.h, "temporary failure, try again": run the same command again
+#: (slurm/train.sbatch requeues the job on it).  Not 0 (the run is not finished), not 1/2
+#: (errors), not 128+N (killed by signal N).
+STOP_EXIT_CODE = 75
+#: Seconds a worker may take from the first SIGTERM/SIGUSR1 to its exit (backup included)
+#: before a watchdog ends it with STOP_EXIT_CODE anyway (a peer that hangs, a stuck write).
+STOP_GRACE_SECONDS = 90.0
+STOP_GRACE_ENV = "MIDIFORGE_STOP_GRACE"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class TrainingStopped(Exception):
+    """Training stopped on a signal; ``info``: signal, epoch (from 1), step, backup."""
+
+    def __init__(self, info: dict) -> None:
+        self.info = info
+        name = signal.Signals(info["signal"]).name if info.get("signal") else "a stop request"
+        where = f"epoch {info['epoch']}" + (f" after step {info['step']}" if info.get("step") else " start")
+        super().__init__(f"stopped by {name} at {where}"
+                         + (" with a backup" if info.get("backup") else " without a new backup"))
+
+
+class StopSignals:
+    """SIGTERM and SIGUSR1 ask this training process to stop (main thread only).
+
+    The handler only records the request; :class:`midiforge.model.training.GracefulStop`
+    acts on it at the next step end or epoch start.  TensorFlow installs a SIGTERM handler of
+    its own when MultiWorkerMirroredStrategy starts its server (its preemption notifier, which
+    nothing in Keras reads: SIGTERM was ignored), so :meth:`install` is called again after the
+    strategy exists.  A watchdog thread, woken by Python's signal wakeup fd even while the main
+    thread is blocked inside TensorFlow, ends the process with STOP_EXIT_CODE if it is still
+    alive ``grace`` seconds after the first signal.  Further signals are only logged: under
+    Slurm the same SIGTERM may arrive twice (from slurmstepd and forwarded by srun).
+    """
+
+    def __init__(self, grace: float | None = None) -> None:
+        if grace is None:
+            try:
+                grace = float(os.environ.get(STOP_GRACE_ENV) or STOP_GRACE_SECONDS)
+            except ValueError:
+                raise MidiforgeError(f"{STOP_GRACE_ENV}={os.environ[STOP_GRACE_ENV]!r} is not a number of seconds") from None
+        self.grace = grace
+        self.signum: int | None = None
+        self._previous: dict = {}
+        self._fds: tuple[int, int] | None = None
+        self._old_wakeup = -1
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def active(self) -> bool:
+        return self._fds is not None
+
+    def requested(self) -> int | None:
+        return self.signum
+
+    def install(self) -> bool:
+        """(Re)install the handlers; False when not in the main thread (e.g. under Ray Train)."""
+        if threading.current_thread() is not threading.main_thread():
+            return False
+        for s in STOP_SIGNALS:
+            previous = signal.signal(s, self._handler)
+            self._previous.setdefault(s, previous)
+        if self._fds is None:
+            r, w = os.pipe()
+            os.set_blocking(w, False)
+            self._old_wakeup = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+            self._fds = (r, w)
+            self._thread = threading.Thread(target=self._watchdog, name="midiforge-stop-watchdog", daemon=True)
+            self._thread.start()
+        return True
+
+    def _handler(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is None:
+            self.signum = signum
+            print(f"midiforge train: {name}: stopping after the current step with a backup "
+                  f"(exit {STOP_EXIT_CODE}; at the latest in {self.grace:g} s)", file=sys.stderr, flush=True)
+        else:
+            print(f"midiforge train: {name} again: already stopping", file=sys.stderr, flush=True)
+
+    def _watchdog(self) -> None:
+        r = self._fds[0]
+        deadline = None
+        while not self._closed.is_set():
+            wait = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
+            try:
+                ready, _, _ = select.select([r], [], [], wait)
+                data = os.read(r, 64) if ready else b""
+            except OSError:
+                return
+            if deadline is None and any(b in STOP_SIGNALS for b in data):
+                deadline = time.monotonic() + self.grace
+            if deadline is not None and time.monotonic() >= deadline and not self._closed.is_set():
+                print(f"midiforge train: not stopped {self.grace:g} s after the signal (a peer worker lost or "
+                      f"hanging?); exiting with {STOP_EXIT_CODE} now; the next run continues from the last "
+                      f"backup", file=sys.stderr, flush=True)
+                os._exit(STOP_EXIT_CODE)
+
+    def uninstall(self) -> None:
+        """Restore the previous handlers and stop the watchdog."""
+        if threading.current_thread() is not threading.main_thread() or self._fds is None:
+            return
+        for s, previous in self._previous.items():
+            signal.signal(s, previous if previous is not None else signal.SIG_DFL)
+        signal.set_wakeup_fd(self._old_wakeup)
+        self._closed.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = None
 
 
 @dataclass(frozen=True)
@@ -187,9 +309,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("workers")
     g.add_argument("--membership", choices=("auto", "local", "tf_config", "slurm"),
                    help="where the worker list comes from (default auto: TF_CONFIG, else Slurm under srun, else local)")
-    g.add_argument("--port-base", type=int, help="Slurm: worker port = port base + SLURM_LOCALID (default 28400)")
+    g.add_argument("--port-base", type=int, help="Slurm: worker port = port base + SLURM_LOCALID (default: "
+                   "MIDIFORGE_PORT_BASE, else 20000 + (SLURM_JOB_ID * 8) %% 12000)")
     g.add_argument("--progress", choices=("auto", "bar", "epoch", "none"), help="progress display (default auto)")
+    g = parser.add_argument_group("launcher")
+    g.add_argument("--launcher", choices=("local", "ray"), default="local",
+                   help="local (default): this process is one worker (membership above); ray: start --num-workers "
+                        "workers with Ray Train (TensorflowTrainer sets TF_CONFIG for each)")
+    g.add_argument("--num-workers", type=int, help="ray: TensorFlow workers (default 2)")
+    g.add_argument("--cpus-per-worker", type=float, help="ray: CPUs reserved per worker (default 1)")
+    g.add_argument("--use-gpu", action="store_true", default=None, help="ray: one GPU per worker")
+    g.add_argument("--max-failures", type=int, help="ray: times Ray may restart the worker group after a lost "
+                   "worker; each restart continues from the last backup (default 0)")
+    g.add_argument("--address", help="ray: cluster address HEAD:PORT to join (default: RAY_ADDRESS, else a "
+                   "private local Ray on 127.0.0.1)")
     add_storage_arguments(parser)
+
+
+RAY_ONLY = ("num_workers", "cpus_per_worker", "use_gpu", "max_failures", "address")
 
 
 def _read_toml(path: str) -> dict:
@@ -229,11 +366,28 @@ def settings_from_args(args: argparse.Namespace) -> TrainSettings:
         raise MidiforgeError(f"bad training settings ({exc})") from None
 
 
+SUMMARY_KEYS = ("model_dir", "epochs", "bundle_sha256", "val_loss", "val_accuracy", "tokens_per_second", "seconds",
+                "nothing_to_do")
+
+
 def main(args: argparse.Namespace) -> int:
-    result = run_training(settings_from_args(args))
+    settings = settings_from_args(args)
+    launcher = getattr(args, "launcher", "local") or "local"
+    if launcher == "ray":
+        from midiforge.pipeline.train_ray import main_ray
+
+        return main_ray(settings, args)
+    given = [f"--{k.replace('_', '-')}" for k in RAY_ONLY if getattr(args, k, None) is not None]
+    if given:
+        raise MidiforgeError(f"{', '.join(given)}: only with --launcher ray")
+    try:
+        result = run_training(settings, restore_signals=False)
+    except TrainingStopped as stop:
+        print(f"midiforge train: {stop}; run the same command again to continue "
+              f"(exit {STOP_EXIT_CODE})", file=sys.stderr, flush=True)
+        return STOP_EXIT_CODE
     if result.get("is_chief", True):
-        print(json.dumps({k: result[k] for k in ("model_dir", "epochs", "bundle_sha256", "val_loss", "val_accuracy",
-                                                  "tokens_per_second", "seconds") if k in result}))
+        print(json.dumps({k: result[k] for k in SUMMARY_KEYS if k in result}))
     return 0
 
 
@@ -304,10 +458,27 @@ class Plan:
     restore_checkpoint: str | None   # checkpoints/epoch-NNNN to load when there is no backup
     fresh: bool
     starts: int
+    done: bool = False               # a finished run asked again with the same settings: nothing to do
 
 
-def plan_run(settings: TrainSettings, tokenizer, state: RunState, model_dir: str) -> Plan:
-    """Fresh run, continuation of an interrupted run, or --resume; with clear refusals."""
+def finished_run_differences(settings: TrainSettings, run: dict, shards_sha256: str | None) -> list[str]:
+    """What a command asks differently from the finished run in ``run`` (run.json).
+
+    Settings not given now are taken from the run (as when an interrupted run continues), so
+    only the explicit ones can differ; and the shards (their manifest's sha256)."""
+    recorded = run.get("settings", {})
+    now = settings.run_settings()
+    out = [f"--{k.replace('_', '-')} {recorded[k]} (now {now[k]})" for k in settings.explicit
+           if k in now and k in recorded and now[k] != recorded[k]]
+    before = run.get("shards_manifest_sha256")
+    if shards_sha256 and before and shards_sha256 != before:
+        out.append(f"other shards (manifest sha256 {shards_sha256[:12]}, the run's {before[:12]})")
+    return out
+
+
+def plan_run(settings: TrainSettings, tokenizer, state: RunState, model_dir: str,
+             shards_sha256: str | None = None) -> Plan:
+    """Fresh run, continuation of an interrupted run, --resume, or nothing to do; with clear refusals."""
     from midiforge.model.lstm import ModelConfig
 
     if state.run is None:
@@ -334,9 +505,14 @@ def plan_run(settings: TrainSettings, tokenizer, state: RunState, model_dir: str
         if key in settings.explicit and getattr(cfg, key) != getattr(settings, key):
             raise MidiforgeError(f"{model_dir}: holds a model with {key}={getattr(cfg, key)}, you asked for "
                                  f"{getattr(settings, key)}; a model's shape cannot change (use a new MODEL_DIR)")
+    done = False
     if state.finished and not settings.resume:
-        raise MidiforgeError(f"{model_dir}: already holds a finished model ({state.epochs_done} epochs); pass --resume "
-                             f"to train it further (to --epochs), or choose another MODEL_DIR")
+        differ = finished_run_differences(settings, run, shards_sha256)
+        if differ:
+            raise MidiforgeError(f"{model_dir}: already holds a finished model ({state.epochs_done} epochs) trained "
+                                 f"with other settings: {'; '.join(differ)}. Pass --resume to train it further (to "
+                                 f"--epochs), or choose another MODEL_DIR")
+        done = True   # the same command again (e.g. a requeued job): nothing to do
     # continue with the run's settings except what was given explicitly now
     previous = dict(run.get("settings", {}))
     merged = {k: previous[k] for k in previous if k in DEFAULTS and k not in settings.explicit}
@@ -344,7 +520,7 @@ def plan_run(settings: TrainSettings, tokenizer, state: RunState, model_dir: str
     new = replace(settings, **merged)
     latest = max((c for c in state.index["checkpoints"]), key=lambda c: c["epoch"], default=None)
     return Plan(new, cfg, int(latest["epoch"]) if latest else 0, latest["path"] if latest else None, False,
-                int(run.get("starts", 0)))
+                int(run.get("starts", 0)), done)
 
 
 class RunWriter:
@@ -453,6 +629,14 @@ class RunWriter:
                 self.store.delete(o.path)
             self.store.delete(c["path"] + "/manifest.json")
 
+    def stopped(self, info: dict) -> None:
+        """run.json says where a stopped run stopped (the next start sets it running again)."""
+        sig = signal.Signals(info["signal"]).name if info.get("signal") else None
+        self.run.update(status="stopped", updated=_now(),
+                        stopped={"signal": sig, "epoch": info["epoch"], "step": info.get("step"),
+                                 "backup": bool(info.get("backup"))})
+        self.store.write_bytes(RUN, (json.dumps(self.run, indent=1) + "\n").encode())
+
     # -- the end --
     def finish(self, weights: bytes, seconds: float) -> dict:
         from midiforge.model.bundle import FINAL_DIR, write_bundle
@@ -471,6 +655,7 @@ class RunWriter:
         if isinstance(self.store, LocalStore):
             shutil.rmtree(self.store.path(BACKUP_PREFIX), ignore_errors=True)
         self.run.update(status="finished", updated=_now(), epochs_done=epochs)
+        self.run.pop("stopped", None)
         self.store.write_bytes(RUN, (json.dumps(self.run, indent=1) + "\n").encode())
         top = self.write_manifest(epochs, sha256_hex(manifest), seconds)
         return {"model_dir": self.store.uri, "epochs": epochs, "bundle_sha256": sha256_hex(manifest),
@@ -552,12 +737,27 @@ def upload_backup(store: Store, local: str, uploaded: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 # the training function (one for every launcher)
 # ---------------------------------------------------------------------------------------------
-def run_training(settings: TrainSettings | dict, *, membership: str | None = None, keep_model: bool = False) -> dict:
+def run_training(settings: TrainSettings | dict, *, membership: str | None = None, keep_model: bool = False,
+                 restore_signals: bool = True) -> dict:
     """Train on this worker; every worker of the job calls this with the same settings.
 
     Returns a summary (the chief's has the bundle's sha256); with ``keep_model`` also the
-    trained tf_keras model under ``"model"`` (for in-process callers).
+    trained tf_keras model under ``"model"`` (for in-process callers).  In the main thread,
+    SIGTERM and SIGUSR1 stop training (every worker after the same step, with a backup) and
+    raise :class:`TrainingStopped`; ``restore_signals=False`` leaves the handlers in place
+    afterwards (the CLI: a late duplicate signal must not kill a process on its way out).
     """
+    signals = StopSignals()
+    signals.install()   # before TensorFlow: a signal during setup stops training at its first step
+    try:
+        return _run_training(settings, membership, keep_model, signals)
+    finally:
+        if restore_signals:
+            signals.uninstall()
+
+
+def _run_training(settings: TrainSettings | dict, membership: str | None, keep_model: bool,
+                  signals: StopSignals) -> dict:
     from midiforge.model.lstm import tf_keras
 
     if isinstance(settings, dict):
@@ -578,14 +778,16 @@ def run_training(settings: TrainSettings | dict, *, membership: str | None = Non
     shards = D.open_shards(settings.shards, options, settings.cache_dir or None)
     store = open_store(settings.model_dir, options)
     state = inspect_model_dir(store)
-    plan = plan_run(settings, shards.tokenizer, state, settings.model_dir)
+    plan = plan_run(settings, shards.tokenizer, state, settings.model_dir, shards.manifest_sha256)
     s = plan.settings
-    if not plan.fresh and state.finished and s.epochs <= state.epochs_done:
-        log(f"{settings.model_dir}: already trained {state.epochs_done} epochs (--epochs {s.epochs}); nothing to do")
+    if plan.done or (not plan.fresh and state.finished and s.epochs <= state.epochs_done):
+        log(f"{settings.model_dir}: already holds this finished model ({state.epochs_done} epochs, --epochs "
+            f"{s.epochs}); nothing to do")
         return {"model_dir": store.uri, "epochs": state.epochs_done, "is_chief": is_chief, "nothing_to_do": True}
 
     # ---- the cluster ----
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    signals.install()   # again: the strategy's server installed TensorFlow's own SIGTERM handler
     replicas = strategy.num_replicas_in_sync
     if s.batch_size % replicas:
         raise MidiforgeError(f"--batch-size {s.batch_size} is not divisible by the {replicas} replicas")
@@ -667,11 +869,24 @@ def run_training(settings: TrainSettings | dict, *, membership: str | None = Non
             writer.epoch_done(epoch, logs, info, w, o)
 
     callbacks = [T.Monitor(s.batch_size * s.seq_len, on_epoch_done)]
+    backup = None
     if backup_dir:
         uploaded: dict = {}
         after = (lambda: upload_backup(store, backup_dir, uploaded)) if (mirrored and is_chief) else None
         freq = "epoch" if s.backup_every == "epoch" else int(s.backup_every)
-        callbacks.append(T.make_backup(backup_dir, freq, steps, after))
+        backup = T.make_backup(backup_dir, freq, steps, after)
+        callbacks.append(backup)
+
+    def on_stop(info: dict) -> None:
+        if is_chief:
+            writer.stopped(info)
+        if workers > 1:
+            T.barrier(strategy)   # everyone's backup (and the chief's mirror of it) is complete
+        raise TrainingStopped(info)
+
+    if signals.active:
+        callbacks.append(T.GracefulStop(signals.requested, rank=rank, workers=workers, steps_per_epoch=steps,
+                                        backup=backup, on_stop=on_stop))
     verbose = 0
     if is_chief and s.progress != "none":
         verbose = 1 if s.progress == "bar" or (s.progress == "auto" and sys.stdout.isatty()) else 2
