@@ -168,7 +168,7 @@ class PrimerPlan:
     piece: object = None                                   # midi: the primer Piece
     time_signature: tuple[int, int] = (4, 4)
     qpm: float | None = None                               # midi: the file's tempo
-    windows: dict = field(default_factory=dict)            # shards: index -> (ids, qpm, source)
+    windows: object = None                                 # shards: index -> (ids, qpm, source)
     mapped: int = 0                                        # midi: tokens mapped to the nearest known
     _encoded: dict = field(default_factory=dict, repr=False)  # midi: (tokenizer id, qpm) -> ids
 
@@ -177,7 +177,7 @@ class PrimerPlan:
         from midiforge.music.primer import encode_primer, set_tempo, start_primer
 
         if self.kind == "shards":
-            ids, row_qpm, source = self.windows[index]
+            ids, row_qpm, source = self.windows(index)
             return np.asarray(ids, dtype=np.int32), float(qpm_setting or row_qpm or qpm_median or 120.0), \
                 self.time_signature, source
         if self.kind == "midi":
@@ -202,7 +202,7 @@ def read_uri_bytes(uri: str, storage: StorageOptions | None, what: str) -> bytes
         raise MidiforgeError(f"{uri}: cannot read the {what} ({exc.strerror or exc})") from None
 
 
-def plan_primers(settings: GenerateSettings, models: list[ModelSpec], seed: int, indices: range,
+def plan_primers(settings: GenerateSettings, models: list[ModelSpec], seed: int,
                  storage: StorageOptions | None) -> PrimerPlan:
     from midiforge.music.readers import read_piece
     from midiforge.music.primer import encode_primer
@@ -225,10 +225,10 @@ def plan_primers(settings: GenerateSettings, models: list[ModelSpec], seed: int,
                 raise MidiforgeError(f"{path}: the primer has no notes the model's tokenizer keeps")
         return PrimerPlan("midi", source=path, piece=piece, time_signature=piece.time_signature, qpm=piece.qpm,
                           mapped=mapped)
-    return _shard_windows(settings, models, seed, indices, storage)
+    return _shard_windows(settings, models, seed, storage)
 
 
-def _shard_windows(settings: GenerateSettings, models: list[ModelSpec], seed: int, indices: range,
+def _shard_windows(settings: GenerateSettings, models: list[ModelSpec], seed: int,
                    storage: StorageOptions | None) -> PrimerPlan:
     """One random window per piece from the pieces of a preprocess output (the tutorial's primer)."""
     import io
@@ -264,15 +264,15 @@ def _shard_windows(settings: GenerateSettings, models: list[ModelSpec], seed: in
         cand_row.extend(rows.tolist())
     if not cand_row:
         raise MidiforgeError(f"{store.uri}: no piece of split {settings.primer_split!r} to take primers from")
-    windows = {}
-    for i in indices:
+    def window(i: int):  # piece i's window, when its batch is sent (not N of them held at once)
         rng = piece_rng(seed, i, PRIMER_STREAM)
         c = int(rng.integers(0, len(cand_row)))
         t, r = tables[cand_shard[c]], cand_row[c]
-        tokens = np.asarray(t["tokens"][r].as_py(), dtype=np.int32)
+        tokens = np.asarray(t["tokens"][r].values.to_numpy(), dtype=np.int32)
         ids = window_primer(tokens, rng, settings.primer_length)
-        windows[i] = (ids, _float_or_none(t["qpm"][r].as_py()), str(t["source"][r].as_py()))
-    return PrimerPlan("shards", source=store.uri, windows=windows)
+        return ids, _float_or_none(t["qpm"][r].as_py()), str(t["source"][r].as_py())
+
+    return PrimerPlan("shards", source=store.uri, windows=window)
 
 
 # -------------------------------------------------------------------------------------------
@@ -424,7 +424,7 @@ def run_generate(model_dir: str, dest_uri: str, num_pieces: int, settings: Gener
         from midiforge.storage.manifest import sha256_hex
 
         primer_sha = sha256_hex(read_uri_bytes(settings.primer_path, storage, "primer"))
-    plan = plan_primers(settings, models, seed, range(num_pieces), storage)
+    plan = plan_primers(settings, models, seed, storage)
     identity = _identity(models, settings, seed, engine, primer_sha)
     if saved is not None and saved["identity"] != identity:
         diff = sorted(k for k in identity if identity[k] != saved["identity"].get(k))
@@ -442,12 +442,16 @@ def run_generate(model_dir: str, dest_uri: str, num_pieces: int, settings: Gener
         n_workers = _ray_workers(workers, address, num_gpus_per_worker, cpus_per_worker, n_pending)
     # batches of --batch-size pieces, smaller when that leaves a worker idle (tokens do not depend on it)
     chunk_size = max(1, min(batch_size, math.ceil(n_pending / n_workers))) if n_pending else batch_size
-    tasks = []
-    for m in models:
-        tok = _tokenizer(m)
-        for chunk in _chunks(pending[m.label], chunk_size):
-            primers = [plan.for_piece(tok, i, settings.qpm, m.qpm_median) for i in chunk]
-            tasks.append((m.label, chunk, primers))
+    tasks = [(m.label, chunk) for m in models for chunk in _chunks(pending[m.label], chunk_size)]
+    toks = {m.label: (_tokenizer(m), m.qpm_median) for m in models}
+
+    def with_primers(task):  # a batch's primers, made when it is sent (a driver never holds N of them)
+        label, chunk = task
+        tok, qpm_median = toks[label]
+        return label, chunk, [plan.for_piece(tok, i, settings.qpm, qpm_median) for i in chunk]
+
+    if tasks:
+        with_primers(tasks[0])  # the primers can be made, before anything is written
 
     # ---- from here on, things are written ----
     if saved is None:
@@ -460,9 +464,10 @@ def run_generate(model_dir: str, dest_uri: str, num_pieces: int, settings: Gener
         args = (models, settings, seed, dest.uri, storage, batch_size, engine)
         try:
             if workers == 0:
-                _run_local(args, tasks, bar, stats)
+                _run_local(args, tasks, with_primers, bar, stats)
             else:
-                _run_ray(args, tasks, bar, stats, n=n_workers, gpus=num_gpus_per_worker, cpus=cpus_per_worker)
+                _run_ray(args, tasks, with_primers, bar, stats, n=n_workers, gpus=num_gpus_per_worker,
+                         cpus=cpus_per_worker)
         finally:
             bar.close()
     gen_seconds = time.time() - gen_started
@@ -495,12 +500,12 @@ def _account(stats: dict, res: dict, bar, t0: float) -> None:
     bar.set_postfix(tok_s=f"{stats['tokens'] / elapsed:,.0f}", refresh=False)
 
 
-def _run_local(args, tasks, bar, stats) -> None:
+def _run_local(args, tasks, with_primers, bar, stats) -> None:
     worker = GenerateWorker(*args)
     stats["workers"] = 1
     t0 = time.time()
-    for label, chunk, primers in tasks:
-        _account(stats, worker.run(label, chunk, primers), bar, t0)
+    for task in tasks:
+        _account(stats, worker.run(*with_primers(task)), bar, t0)
 
 
 def _ray_workers(workers: int | None, address: str | None, gpus: float, cpus: float, n_pieces: int) -> int:
@@ -525,7 +530,7 @@ def _ray_workers(workers: int | None, address: str | None, gpus: float, cpus: fl
 MAX_REPLACEMENTS = 3  # dead actors replaced per run before giving up (their batches are redone)
 
 
-def _run_ray(args, tasks, bar, stats, *, n: int, gpus: float, cpus: float) -> None:
+def _run_ray(args, tasks, with_primers, bar, stats, *, n: int, gpus: float, cpus: float) -> None:
     import ray
 
     stats["workers"] = n
@@ -541,7 +546,7 @@ def _run_ray(args, tasks, bar, stats, *, n: int, gpus: float, cpus: float) -> No
         while queue or running:
             while queue and free:
                 actor, task = free.pop(0), queue.pop(0)
-                running[actor.run.remote(*task)] = (actor, task)
+                running[actor.run.remote(*with_primers(task))] = (actor, task)
             ready, _ = ray.wait(list(running), num_returns=1)
             actor, task = running.pop(ready[0])
             try:

@@ -140,7 +140,10 @@ def _info(rel: str, data: bytes, table: pa.Table) -> ShardInfo:
 def read_shard_info(store: Store, rel: str) -> ShardInfo:
     """Read a shard once: sha256 of its bytes, and only its small columns decoded."""
     data = store.read_bytes(rel)
-    return _info(rel, data, _parquet(data, store.url(rel), list(SMALL_COLUMNS)))
+    try:
+        return _info(rel, data, _parquet(data, store.url(rel), list(SMALL_COLUMNS)))
+    except MidiforgeError as exc:
+        raise MidiforgeError(f"{exc} (delete it and rerun with --resume to make its pieces again)") from None
 
 
 def list_shards(store: Store) -> dict[str, int]:
@@ -153,7 +156,7 @@ def scan_shards(store: Store, known: dict[str, ShardInfo] | None = None) -> dict
     known = known or {}
     listed = list_shards(store)
     todo = [rel for rel, size in listed.items() if rel not in known or known[rel].entry["bytes"] != size]
-    out = {rel: known[rel] for rel in listed if rel not in todo}
+    out = {rel: known[rel] for rel in listed.keys() - set(todo)}
     for info in map_parallel(lambda rel: read_shard_info(store, rel), todo, store.transfers):
         out[info.path] = info
     return out
@@ -263,11 +266,16 @@ def _store(dest: str | Store, storage: StorageOptions | None) -> Store:
     return open_store(dest, storage) if isinstance(dest, str) else dest
 
 
+def _why(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _parquet(data: bytes, where: str, columns: list[str] | None = None) -> pa.Table:
     try:
         return pq.read_table(io.BytesIO(data), columns=columns)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise MidiforgeError(f"{where}: not a readable pieces shard ({exc})") from None
+        raise MidiforgeError(f"{where}: not a readable pieces shard ({_why(exc)})") from None
 
 
 def _shards(store: Store) -> tuple[dict, list[dict]]:
@@ -307,7 +315,7 @@ def _open_shard(store: Store, entry: dict) -> pq.ParquetFile:
         else:
             f = pq.ParquetFile(io.BytesIO(store.read_bytes(rel)))
     except (pa.ArrowInvalid, OSError) as exc:
-        raise MidiforgeError(f"{store.url(rel)}: not a readable pieces shard ({exc})") from None
+        raise MidiforgeError(f"{store.url(rel)}: not a readable pieces shard ({_why(exc)})") from None
     if f.metadata.num_rows != entry["rows"]:
         raise MidiforgeError(f"{store.url(rel)}: {f.metadata.num_rows} rows, the manifest says {entry['rows']} "
                              f"(replaced or damaged)")
@@ -326,7 +334,7 @@ def iter_pieces(dest: str | Store, storage: StorageOptions | None = None,
             with _open_shard(store, entry) as f:
                 yield from f.iter_batches(columns=cols)
         except (pa.ArrowInvalid, OSError) as exc:
-            raise MidiforgeError(f"{store.url(entry['path'])}: not a readable pieces shard ({exc})") from None
+            raise MidiforgeError(f"{store.url(entry['path'])}: not a readable pieces shard ({_why(exc)})") from None
 
 
 def read_pieces(dest: str | Store, storage: StorageOptions | None = None, columns=None) -> pa.Table:
@@ -342,7 +350,7 @@ def read_pieces(dest: str | Store, storage: StorageOptions | None = None, column
             with _open_shard(store, entry) as f:
                 tables.append(f.read(columns=read))
         except (pa.ArrowInvalid, OSError) as exc:
-            raise MidiforgeError(f"{store.url(entry['path'])}: not a readable pieces shard ({exc})") from None
+            raise MidiforgeError(f"{store.url(entry['path'])}: not a readable pieces shard ({_why(exc)})") from None
     if tables:
         table = pa.concat_tables(tables)
     else:
