@@ -686,7 +686,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     x.add_argument("--cpus-per-worker", type=float, default=1.0)
     x.add_argument("--num-gpus-per-worker", type=float, default=0.0,
                    help="GPUs per actor on a GPU cluster (selects the keras engine)")
-    x.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    x.add_argument("--address", help="Ray cluster address HEAD:PORT (default: RAY_ADDRESS, else a private local Ray "
+                                      "on 127.0.0.1)")
+    x.add_argument("--cluster", choices=("none", "slurm"), default="none",
+                   help="slurm: start a Ray cluster across this Slurm job's nodes for the run and stop it after "
+                        "(run inside sbatch: slurm/generate.sbatch); default none")
     x.add_argument("--resume", action="store_true", help="make only the pieces DEST does not have yet")
     x.add_argument("--no-progress", action="store_true")
     from midiforge.storage.cli_options import add_storage_arguments
@@ -713,12 +717,14 @@ def settings_from_args(args) -> GenerateSettings:
 def main(args) -> int:
     from midiforge.storage.cli_options import options_from_args
 
+    from midiforge.pipeline.slurm_ray import run_with_cluster
+
     settings = settings_from_args(args)
-    manifest = run_generate(args.model_dir, args.dest, args.num_pieces, settings, seed=args.seed,
-                            checkpoint=args.checkpoint, batch_size=args.batch_size, workers=args.workers,
-                            address=args.address, num_gpus_per_worker=args.num_gpus_per_worker,
-                            cpus_per_worker=args.cpus_per_worker, resume=args.resume,
-                            storage=options_from_args(args), progress=not args.no_progress)
+    manifest = run_with_cluster(args.cluster, args.address, lambda address: run_generate(
+        args.model_dir, args.dest, args.num_pieces, settings, seed=args.seed, checkpoint=args.checkpoint,
+        batch_size=args.batch_size, workers=args.workers, address=address,
+        num_gpus_per_worker=args.num_gpus_per_worker, cpus_per_worker=args.cpus_per_worker, resume=args.resume,
+        storage=options_from_args(args), progress=not args.no_progress))
     print(json.dumps({k: manifest[k] for k in ("pieces", "tokens", "seed", "stop_reasons", "seconds",
                                                "tokens_per_second")}))
     print(f"pieces: {open_store(args.dest, options_from_args(args)).url('midi/' if settings.midi_files else 'pieces/')}")

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import socket
 import statistics
 import time
 import zlib
@@ -225,6 +226,7 @@ def process_batch(part: int, inputs: list[InputRef], dest_uri: str, storage: Sto
         "failures": status.count("failure"), "tokens": int(n_tokens.sum()),
         # the journal as plain lists: a pa.Table costs ~3 ms more per Ray round trip
         "table": piece_table, "journal": journal, "seconds": time.perf_counter() - started,
+        "host": socket.gethostname(),  # where the batch ran (the manifest's timing.batch_hosts)
     }
 
 
@@ -490,21 +492,25 @@ def run_preprocess(src: str, dest_uri: str, settings: PreprocessSettings, *, res
         # Ray itself caps the tasks running at once by the CPUs they hold, so a second task per worker can
         # wait queued, ready to start the moment a batch ends.  With every CPU in use a task holds one; with
         # fewer workers than CPUs on one node, a task holds cpus/workers of them (so no more than `workers`
-        # run); on several nodes, only `workers` tasks may be out at once (a gap between batches)
-        if workers < cpus:
-            if nodes == 1:
-                task = task.options(num_cpus=cpus / workers)
-            else:
-                in_flight = workers
+        # run).  On several nodes each node gets its share of the tasks out (by its CPUs), pinned to it: Ray's
+        # own scheduling fills the driver's node first and leaves the others idle on short tasks
+        if workers < cpus and nodes == 1:
+            task = task.options(num_cpus=cpus / workers)
+        place = _Placement.of_cluster(ray, workers if workers < cpus else 2 * cpus) if nodes > 1 else None
         pending, results = [], []
         bar = _progress(len(refs), len(refs) - len(todo), progress)
         failures = 0
         queue = list(enumerate(batches, start=first))
         while queue or pending:
-            while queue and len(pending) < in_flight:
+            while queue and (place.has_room() if place else len(pending) < in_flight):
                 part, batch = queue.pop(0)
-                pending.append(task.remote(part, _pack(batch), dest.uri, storage, settings))
+                t = task.options(scheduling_strategy=place.strategy()) if place else task
+                pending.append(t.remote(part, _pack(batch), dest.uri, storage, settings))
+                if place:
+                    place.started(pending[-1])
             ready, pending = ray.wait(pending, num_returns=1)
+            if place:
+                place.done(ready[0])
             try:
                 res = ray.get(ready[0])
             except ray.exceptions.RayTaskError as exc:  # stop the rest; report the cause in one line
@@ -523,10 +529,50 @@ def run_preprocess(src: str, dest_uri: str, settings: PreprocessSettings, *, res
         clock.lap("batches")
         clock.add("batch_busy", sum(r["seconds"] for r in results))
         clock.add("batch_count", len(results))
+        hosts: dict[str, int] = {}
+        for r in results:
+            hosts[r["host"]] = hosts.get(r["host"], 0) + 1
+        clock.add("batch_hosts", dict(sorted(hosts.items())))
     else:
         known, known_journals = {}, earlier
     return finalize(dest, settings, src_count=len(refs), started=started, known=known, known_journals=known_journals,
                     clock=clock, expected_inputs={r.source for r in refs})
+
+
+class _Placement:
+    """Which node the next batch goes to, on a cluster of several nodes: ``slots`` tasks out at once, shared
+    among the nodes by their CPUs, each task pinned (softly: elsewhere if its node is lost) to the node with
+    the most free slots for its size."""
+
+    def __init__(self, nodes: dict[str, int], slots: int) -> None:
+        total = sum(nodes.values())
+        self.cap = {n: max(1, round(slots * c / total)) for n, c in nodes.items()}
+        self.out = {n: 0 for n in nodes}
+        self._where: dict = {}
+        self._next: str | None = None
+
+    @classmethod
+    def of_cluster(cls, ray, slots: int) -> "_Placement":
+        nodes = {n["NodeID"]: int(n["Resources"].get("CPU", 0)) for n in ray.nodes()
+                 if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) >= 1}
+        return cls(nodes, slots)
+
+    def has_room(self) -> bool:
+        node = max(self.cap, key=lambda n: ((self.cap[n] - self.out[n]) / self.cap[n], n))
+        self._next = node if self.out[node] < self.cap[node] else None
+        return self._next is not None
+
+    def strategy(self):
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        return NodeAffinitySchedulingStrategy(self._next, soft=True)
+
+    def started(self, ref) -> None:
+        self._where[ref] = self._next
+        self.out[self._next] += 1
+
+    def done(self, ref) -> None:
+        self.out[self._where.pop(ref)] -= 1
 
 
 class _Clock:

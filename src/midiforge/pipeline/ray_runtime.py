@@ -44,10 +44,15 @@ def _use_loopback() -> None:
 def _private_token() -> None:
     """Token authentication with a token of this run's own (in the environment, inherited by Ray's
     processes): Ray's default would write ``~/.ray/auth_token`` and warn about it on every run."""
-    os.environ["RAY_AUTH_MODE"] = "token"
-    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    set_ray_environment({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)})
+
+
+def set_ray_environment(values: dict[str, str]) -> None:
+    """Put ``values`` in this process's environment (its Ray processes inherit them), and have a Ray that
+    was already imported read its configuration again (Ray reads RAY_AUTH_MODE once, at import)."""
+    os.environ.update(values)
     raylet = sys.modules.get("ray._raylet")
-    if raylet is not None:  # Ray already read its configuration: have it read it again
+    if raylet is not None:
         raylet.Config.initialize("")
 
 
