@@ -7,9 +7,7 @@ path run exactly as in production.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,60 +22,18 @@ from midiforge.pipeline import membership as M
 from midiforge.storage import open_store, verify_store
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_helpers import make_shards  # noqa: E402
+from train_helpers import SMALL, consecutive_free_ports, epochs_in, free_ports, make_shards, worker_env  # noqa: E402
 
-SMALL = ["--seq-len", "32", "--batch-size", "8", "--lstm-units", "32", "--embedding-dim", "16",
-         "--steps-per-epoch", "10", "--validation-steps", "4", "--progress", "epoch"]
 METRIC_KEYS = {"epoch", "loss", "val_loss", "val_accuracy", "tokens_per_second"}
-
-
-def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG" and not k.startswith("SLURM_")}
-    env.update(TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1", **extra)
-    return env
+_env = worker_env
+_free_ports = free_ports
+_consecutive_free_ports = consecutive_free_ports
+_epochs = epochs_in
 
 
 def _train(args: list[str], *, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "midiforge.cli", "train", *args], env=env or _env(),
                           capture_output=True, text=True, timeout=timeout)
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _consecutive_free_ports(n: int) -> int:
-    for _ in range(50):
-        base = _free_ports(1)[0]
-        if base + n > 65535:
-            continue
-        try:
-            socks = []
-            for p in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no consecutive free ports")
-
-
-def _epochs(metrics_path: Path) -> list[int]:
-    if not metrics_path.exists():
-        return []
-    return [json.loads(line)["epoch"] for line in metrics_path.read_text().splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="module")
@@ -188,9 +144,20 @@ def test_single_worker_without_configuration(shards, tmp_path):
     assert [c["epoch"] for c in list_checkpoints(str(out))] == [1]
     assert load_bundle(str(out), checkpoint="best").checkpoint == "epoch-0001"
 
-    # the same command again: the model is finished, nothing is overwritten silently
+    # the same command again (a requeued job): nothing to do, exit 0, nothing rewritten
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()}
     again = _train(args)
-    assert again.returncode == 2 and "already holds a finished model" in again.stderr
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already holds this finished model (1 epochs" in again.stderr and "nothing to do" in again.stderr
+    assert json.loads(again.stdout.strip().splitlines()[-1])["nothing_to_do"] is True
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()} == before
+    # the same with a setting the run did not have: refused, naming it
+    other_lr = _train(args + ["--learning-rate", "0.01"])
+    assert other_lr.returncode == 2
+    assert "already holds a finished model" in other_lr.stderr and "--learning-rate 0.002 (now 0.01)" in other_lr.stderr
+    more = _train([*args[:-2], "--epochs", "2", *args[-2:]])
+    assert more.returncode == 2 and "--epochs 1 (now 2)" in more.stderr and "--resume" in more.stderr
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()} == before
     # other data, other tokenizer: refused with the reason
     other = tmp_path / "classic"
     make_shards(str(other), pieces=20, files=1, tokenizer="classic")
@@ -327,14 +294,20 @@ np.save({str(tmp_path / 'y.npy')!r}, r["model"](np.load({str(tmp_path / 'x.npy')
 
 def test_ray_launcher_runs_the_same_training_function_on_two_ray_workers(shards, tmp_path):
     out = tmp_path / "model"
-    launcher = Path(__file__).resolve().parents[1] / "jobs" / "train_ray.py"
-    r = subprocess.run([sys.executable, str(launcher), str(shards), str(out), "--num-workers", "2", "--epochs", "1",
-                        *SMALL, "--cache-dir", str(tmp_path / "cache")],
-                       env=_env(RAY_ADDRESS=""),
-                       capture_output=True, text=True, timeout=300)
+    r = _train([str(shards), str(out), "--launcher", "ray", "--num-workers", "2", "--epochs", "1", *SMALL,
+                "--steps-per-epoch", "4", "--validation-steps", "2", "--cache-dir", str(tmp_path / "cache")],
+               env=_env(RAY_ADDRESS=""), timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1])["epochs"] == 1
     run = json.loads((out / "run.json").read_text())
     assert [w.split(":")[0] for w in run["cluster"]["worker"]] == ["127.0.0.1"] * 2  # TF_CONFIG from Ray, loopback
     assert (run["workers"], run["membership"], run["status"]) == (2, "tf_config", "finished")
-    assert _epochs(out / "metrics.jsonl") == [1]
+    assert _epochs(out / "metrics.jsonl") == [1] and json.loads((out / "metrics.jsonl").read_text())["steps"] == 4
     assert verify_store(open_store(str(out))).ok
+
+
+def test_ray_only_options_need_the_ray_launcher(shards, tmp_path):
+    r = _train([str(shards), str(tmp_path / "model"), "--num-workers", "2", "--max-failures", "1"], timeout=60)
+    assert r.returncode == 2
+    assert "--num-workers, --max-failures: only with --launcher ray" in r.stderr
+    assert not (tmp_path / "model").exists()

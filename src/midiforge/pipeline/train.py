@@ -391,6 +391,20 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_summary(settings: TrainSettings) -> dict:
+    """The summary ``midiforge train`` prints, read back from a finished MODEL_DIR."""
+    store = open_store(settings.model_dir, settings.storage_options())
+    state = inspect_model_dir(store)
+    if not state.finished:
+        raise MidiforgeError(f"{settings.model_dir}: the run did not finish (no manifest.json)")
+    manifest = _read_json(store, "manifest.json")
+    last = next((m for m in reversed(state.metrics) if int(m["epoch"]) == int(manifest["epochs"])), {})
+    out = {"model_dir": store.uri, "epochs": manifest["epochs"], "bundle_sha256": manifest["bundle_sha256"],
+           "seconds": manifest.get("seconds")}
+    out.update({k: last[k] for k in ("val_loss", "val_accuracy", "tokens_per_second") if last.get(k) is not None})
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # MODEL_DIR state
 # ---------------------------------------------------------------------------------------------

@@ -28,10 +28,13 @@ DEFAULT_WORKERS = 2
 
 def _worker_loop(config: dict) -> None:
     """Runs in each Ray Train worker (TF_CONFIG already set by TensorflowTrainer)."""
+    import logging
+
     import ray.train
 
     from midiforge.pipeline.train import TrainSettings, run_training
 
+    logging.getLogger("tensorflow").setLevel(logging.WARNING)   # Ray's workers log INFO otherwise
     try:
         result = run_training(TrainSettings.from_dict(config["settings"]), membership="tf_config")
     except MidiforgeError as exc:   # the driver reports it like the CLI does (exit 2)
@@ -45,7 +48,8 @@ _MARK = "\x1emidiforge-error\x1e"
 
 def run_on_ray(settings, *, num_workers: int = DEFAULT_WORKERS, cpus_per_worker: float = 1.0, use_gpu: bool = False,
                max_failures: int = 0, address: str | None = None) -> dict:
-    """Train with ``num_workers`` Ray Train workers; returns the chief's summary."""
+    """Train with ``num_workers`` Ray Train workers; returns the run's summary (read from MODEL_DIR:
+    Ray Train 2.5x keeps no metrics of reports without a checkpoint)."""
     if num_workers < 1:
         raise MidiforgeError(f"--num-workers must be at least 1, got {num_workers}")
     if cpus_per_worker <= 0:
@@ -82,7 +86,9 @@ def run_on_ray(settings, *, num_workers: int = DEFAULT_WORKERS, cpus_per_worker:
             if _MARK in text:
                 raise MidiforgeError(text.split(_MARK)[1]) from None
             raise RayTrainingFailed(text) from None
-        return dict(result.metrics or {})
+        from midiforge.pipeline.train import run_summary
+
+        return {**(result.metrics or {}), **run_summary(settings)}
     finally:
         shutil.rmtree(storage, ignore_errors=True)
         ray.shutdown()   # a private local Ray stops; a cluster is only disconnected from
