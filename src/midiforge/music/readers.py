@@ -8,7 +8,6 @@ is the one tuple of exceptions a loader may raise for a bad file.
 from __future__ import annotations
 
 import re
-import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,62 +109,16 @@ def _seconds(end_tick: int, tempos: list, tpq: int) -> float:
 
 
 # symusic's own serialization of a Score (its pickle state, zpp_bits format) is a flat buffer:
-# reading notes out of it with one np.frombuffer per batch costs far less than symusic's
+# reading notes out of it in bulk (midiforge.music._midi, in C) costs far less than symusic's
 # per-track ``.numpy()`` (which builds four arrays a track).  The layout, for symusic 0.6:
 #   Score: i32 ticks_per_quarter, tracks, time_signatures, key_signatures, tempos, markers
 #   Track: string name, u8 program, u8 is_drum, notes, controls, pitch_bends, pedals, lyrics
 #   a list is a u32 count then its items; a string a u32 length then its bytes; a text event an
 #   i32 time then a string; Note is 12 bytes (i32 time, i32 duration, i8 pitch, i8 velocity, 2
 #   padding); ControlChange, PitchBend, Pedal, TimeSignature, KeySignature and Tempo are 8 bytes.
-# Every buffer is checked against the Score it came from (tracks, notes, size); a buffer that does
-# not fit (another symusic version) is read through ``.numpy()`` instead: slower, same result.
-NOTE_DTYPE = np.dtype([("time", "<i4"), ("duration", "<i4"), ("pitch", "i1"), ("velocity", "i1"), ("pad", "V2")])
-_U32 = struct.Struct("<I")
-_TRACK_HEAD = struct.Struct("<BBI")  # program, is_drum, note count
-
-
-class _Layout(Exception):
-    """A symusic state buffer that does not have the expected layout."""
-
-
-def _skip_texts(buf: bytes, pos: int) -> int:
-    (count,) = _U32.unpack_from(buf, pos)
-    pos += 4
-    for _ in range(count):
-        (length,) = _U32.unpack_from(buf, pos + 4)
-        pos += 8 + length
-    return pos
-
-
-def _state_layout(buf: bytes):
-    """(tpq, [(program, is_drum, notes_at, notes_count)], tempos_at, tempos_count, ts_at, ts_count)."""
-    try:
-        tpq, n_tracks = struct.unpack_from("<iI", buf, 0)
-        pos = 8
-        tracks = []
-        for _ in range(n_tracks):
-            (name,) = _U32.unpack_from(buf, pos)
-            program, drum, count = _TRACK_HEAD.unpack_from(buf, pos + 4 + name)
-            pos += 10 + name
-            tracks.append((program, drum, pos, count))
-            pos += 12 * count
-            for _ in range(3):  # controls, pitch bends, pedals
-                (count,) = _U32.unpack_from(buf, pos)
-                pos += 4 + 8 * count
-            pos = _skip_texts(buf, pos)  # lyrics
-        (ts_count,) = _U32.unpack_from(buf, pos)
-        ts_at = pos + 4
-        pos = ts_at + 8 * ts_count
-        (count,) = _U32.unpack_from(buf, pos)  # key signatures
-        pos += 4 + 8 * count
-        (tempo_count,) = _U32.unpack_from(buf, pos)
-        tempo_at = pos + 4
-        pos = _skip_texts(buf, tempo_at + 8 * tempo_count)  # markers
-    except struct.error:
-        raise _Layout from None
-    if pos != len(buf):
-        raise _Layout
-    return tpq, tracks, tempo_at, tempo_count, ts_at, ts_count
+# Every buffer is checked against the Score it came from (ticks per quarter, tracks, notes); a
+# buffer that does not fit (another symusic version) is read through ``.numpy()`` instead (the
+# Python path, :func:`_file_of`): slower, same result.
 
 
 @dataclass
@@ -173,7 +126,7 @@ class _File:
     """One parsed MIDI file, before the batch's columns are built."""
 
     tpq: int
-    chunks: list      # note bytes (NOTE_DTYPE rows) of each track kept
+    chunks: list      # (time, duration, pitch, velocity) arrays of each track kept
     counts: list      # notes of each chunk
     programs: list    # program (DRUM_PROGRAM for drums) of each chunk
     tracks: list      # track index of each chunk
@@ -205,13 +158,95 @@ def _keep_tracks(heads, options: ReadOptions):
     return kept
 
 
-def _parse_score(data: bytes, options: ReadOptions):
-    """(symusic Score, ticks per quarter) of one MIDI file, or the PieceError that says why not."""
-    import symusic
+#: the largest tick symusic can hold (its times are int32): a file whose delta times add past it
+#: would wrap to negative (or small) times and pass for music
+MAX_TICK = 2**31 - 1
 
+
+def _varlen(data: bytes, pos: int, end: int):
+    """(value, next position) of a variable-length quantity of at most 4 bytes, or None."""
+    value = 0
+    for _ in range(4):
+        if pos >= end:
+            return None
+        b = data[pos]
+        pos += 1
+        value = (value << 7) | (b & 0x7F)
+        if not b & 0x80:
+            return value, pos
+    return None
+
+
+def _track_ticks(data: bytes, pos: int, end: int) -> int:
+    total, running = 0, 0
+    while pos < end:
+        got = _varlen(data, pos, end)
+        if got is None:
+            break
+        delta, pos = got
+        total += delta
+        if pos >= end:
+            break
+        status = data[pos]
+        if status & 0x80:
+            pos += 1
+        elif running:
+            status = running
+        else:
+            break
+        if status == 0xFF:
+            if pos >= end:
+                break
+            kind = data[pos]
+            got = _varlen(data, pos + 1, end)
+            if got is None or kind == 0x2F:
+                break
+            pos = min(got[1] + got[0], end)
+        elif status in (0xF0, 0xF7):
+            got = _varlen(data, pos, end)
+            if got is None:
+                break
+            pos = min(got[1] + got[0], end)
+        elif status >= 0xF0:
+            pos += 2 if status == 0xF2 else 1 if status in (0xF1, 0xF3) else 0
+        else:
+            running = status
+            pos += 1 if status & 0xF0 in (0xC0, 0xD0) else 2
+    return total
+
+
+def _smf_ticks(data: bytes) -> int:
+    """The largest sum of delta times of one MTrk chunk of a Standard MIDI File: the same walk as
+    ``_midi.ticks`` (see _midi.c for its rules), in Python."""
+    if len(data) < 8 or data[:4] != b"MThd":
+        return 0
+    pos = 8 + int.from_bytes(data[4:8], "big")
+    best = 0
+    while pos + 8 <= len(data):
+        length = int.from_bytes(data[pos + 4: pos + 8], "big")
+        at = pos + 8
+        if data[pos: pos + 4] == b"MTrk":
+            best = max(best, _track_ticks(data, at, min(at + length, len(data))))
+        pos = at + length
+    return best
+
+
+def _wrapped(ticks: int) -> PieceError:
+    return PieceError("corrupt", f"delta times add up to {ticks} ticks in one track, past {MAX_TICK} "
+                                 "(times would wrap)")
+
+
+def _checked_payload(data: bytes, options: ReadOptions) -> bytes:
+    """The Standard MIDI File in ``data``, after the checks that need no parsing."""
     if len(data) > options.max_bytes:
         raise PieceError("too_long", f"{len(data)} bytes > max {options.max_bytes}")
-    data = _midi_payload(data)
+    return _midi_payload(data)
+
+
+def _parse_score(data: bytes):
+    """(symusic Score, ticks per quarter) of one checked MIDI payload, or the PieceError that says why not."""
+    import symusic
+
     try:
         score = symusic.Score.from_midi(data)
     except Exception as exc:  # symusic raises RuntimeError/ValueError for malformed files
@@ -223,35 +258,15 @@ def _parse_score(data: bytes, options: ReadOptions):
 
 
 def _file_of(score, tpq: int, options: ReadOptions) -> _File:
-    """One parsed file's notes, from symusic's state buffer (or, if it does not fit, ``.numpy()``)."""
-    buf = score.__getstate__()
-    try:
-        tpq_, heads, tempo_at, tempo_count, ts_at, ts_count = _state_layout(buf)
-        if tpq_ != tpq or len(heads) != len(score.tracks) or sum(h[3] for h in heads) != score.note_num():
-            raise _Layout
-    except _Layout:
-        return _file_of_numpy(score, tpq, options)
-    kept = _keep_tracks([(p, d, c) for p, d, _, c in heads], options)
-    view = memoryview(buf)
-    chunks = [view[heads[i][2]: heads[i][2] + 12 * c] for _, i, c in kept]
-    tempos = list(struct.iter_unpack("<ii", buf[tempo_at: tempo_at + 8 * tempo_count]))
-    ts = (4, 4)
-    if ts_count and buf[ts_at + 4] > 0 and buf[ts_at + 5] > 0:
-        ts = (buf[ts_at + 4], buf[ts_at + 5])
-    return _File(tpq, chunks, [c for *_, c in kept], [p for p, _, _ in kept], [i for _, i, _ in kept], tempos, ts)
-
-
-def _file_of_numpy(score, tpq: int, options: ReadOptions) -> _File:
-    """The same as :func:`_file_of`, through symusic's public ``.numpy()`` per track."""
+    """One parsed file's notes through symusic's public ``.numpy()`` per track: the Python path, for
+    every file when the compiled part is not built, else for the files whose state buffer it
+    declines (another symusic layout).  The same numbers as the compiled path (tests/test_readers.py)."""
     tracks = list(score.tracks)
     kept = _keep_tracks([(int(t.program), bool(t.is_drum), len(t.notes)) for t in tracks], options)
     chunks = []
     for _, index, count in kept:
         arrays = tracks[index].notes.numpy()
-        rows = np.zeros(count, NOTE_DTYPE)
-        for k in ("time", "duration", "pitch", "velocity"):
-            rows[k] = arrays[k]
-        chunks.append(rows.tobytes())
+        chunks.append(tuple(np.asarray(arrays[k]) for k in ("time", "duration", "pitch", "velocity")))
     tempos = []
     if len(score.tempos):
         t = score.tempos.numpy()
@@ -264,23 +279,26 @@ def _file_of_numpy(score, tpq: int, options: ReadOptions) -> _File:
     return _File(tpq, chunks, [c for *_, c in kept], [p for p, _, _ in kept], [i for _, i, _ in kept], tempos, ts)
 
 
+def _column(files: list[_File], k: int, dtype) -> np.ndarray:
+    parts = [c[k] for f in files for c in f.chunks]
+    return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+
+
 def _assemble(files: list[_File]) -> tuple[PieceBatch, np.ndarray]:
     """The batch of pieces of ``files``, and the end tick of each."""
     n = len(files)
     counts = np.fromiter((c for f in files for c in f.counts), dtype=np.int64)
-    rows = np.frombuffer(b"".join([c for f in files for c in f.chunks]), NOTE_DTYPE)
     program = np.repeat(np.fromiter((p for f in files for p in f.programs), dtype=np.int16, count=len(counts)), counts)
     track = np.repeat(np.fromiter((t for f in files for t in f.tracks), dtype=np.int16, count=len(counts)), counts)
     lengths = np.fromiter((sum(f.counts) for f in files), dtype=np.int64, count=n)
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     tpq = np.fromiter((f.tpq for f in files), dtype=np.int64, count=n)
-    time = rows["time"].astype(np.int64)
-    dur = rows["duration"].astype(np.int64)
+    time, dur = _column(files, 0, np.int64), _column(files, 1, np.int64)
     end_tick = np.maximum.reduceat(time + dur, offsets[:-1]) if n else np.zeros(0, np.int64)
     scale = np.repeat(1.0 / tpq, lengths)
     batch = PieceBatch(
-        rows["pitch"].astype(np.int16), time * scale, dur * scale, rows["velocity"].astype(np.int16), program,
+        _column(files, 2, np.int16), time * scale, dur * scale, _column(files, 3, np.int16), program,
         track, offsets,
         np.array([6e7 / f.tempos[0][1] if f.tempos and f.tempos[0][1] > 0 else 120.0 for f in files], dtype=np.float64),
         np.array([_seconds(int(e), f.tempos, f.tpq) for e, f in zip(end_tick.tolist(), files)], dtype=np.float64),
@@ -328,19 +346,42 @@ def _native_batch(parsed: list, options: ReadOptions, errors: list) -> tuple[Pie
     return batch, facts[:, 2].astype(np.int64), [i for (i, _, _), k in zip(parsed, ok) if k], left
 
 
+def _ticks(payloads: list[bytes]) -> list[int]:
+    """:func:`_smf_ticks` of every payload: in C when it is built."""
+    if _native_midi is None:
+        return [_smf_ticks(p) for p in payloads]
+    out = np.empty(len(payloads), dtype=np.int64)
+    _native_midi.ticks(payloads, out)
+    return out.tolist()
+
+
 def read_midi_batch(datas: list[bytes], options: ReadOptions = ReadOptions()) -> tuple[PieceBatch, list]:
     """Many MIDI files through symusic at once: (the pieces read, in input order; for each input
     its :class:`PieceError`, or None if it is in the batch).
 
-    symusic parses each file; the notes of all of them are then read out of symusic's serialized
-    Scores at once, in C (midiforge.music._midi) when it is built, else in Python.  A piece's notes
-    are in the file's order (track by track): tokenizers sort what they need.
+    symusic parses each file (after a walk over its delta times: a file whose times would wrap past
+    int32 is ``corrupt``); the notes of all of them are then read out of symusic's serialized
+    Scores at once, in C (midiforge.music._midi) when it is built, else through symusic's
+    ``.numpy()``.  A piece's notes are in the file's order (track by track): tokenizers sort what
+    they need.
     """
     errors: list = [None] * len(datas)
-    parsed = []  # (input index, score, ticks per quarter)
+    payloads = []  # (input index, the Standard MIDI File's bytes)
     for i, data in enumerate(datas):
         try:
-            parsed.append((i, *_parse_score(data, options)))
+            payload = _checked_payload(data, options)
+            payloads.append((i, payload if type(payload) is bytes else bytes(payload)))
+        except PieceError as exc:
+            errors[i] = exc
+        except Exception as exc:  # a bug for one file: its failure, not the batch's
+            errors[i] = PieceError("parser_error", f"{type(exc).__name__}: {exc}")
+    parsed = []  # (input index, score, ticks per quarter)
+    for (i, payload), ticks in zip(payloads, _ticks([p for _, p in payloads])):
+        if ticks > MAX_TICK:
+            errors[i] = _wrapped(ticks)
+            continue
+        try:
+            parsed.append((i, *_parse_score(payload)))
         except PieceError as exc:
             errors[i] = exc
         except Exception as exc:  # a bug for one file: its failure, not the batch's
@@ -370,11 +411,14 @@ def read_midi_batch(datas: list[bytes], options: ReadOptions = ReadOptions()) ->
         order = np.argsort(np.array(where, dtype=np.int64), kind="stable")
         batch, end_tick, where = batch.take(order), end_tick[order], [where[k] for k in order]
     quarters = end_tick / np.array([tpq_of[i] for i in where], dtype=np.float64)
-    too_long = np.flatnonzero(quarters > options.max_quarters)
-    if len(too_long):  # rare: drop those pieces, record why
-        for j in too_long.tolist():
-            errors[where[j]] = PieceError("too_long", f"{quarters[j]:.0f} quarters > max {options.max_quarters:.0f}")
-        batch = batch.take(np.setdiff1d(np.arange(len(batch)), too_long))
+    # the tick walk keeps wrapped times out; a negative end is corrupt whatever made it
+    drop = np.flatnonzero((quarters > options.max_quarters) | (end_tick < 0))
+    if len(drop):  # rare: drop those pieces, record why
+        for j in drop.tolist():
+            errors[where[j]] = (PieceError("corrupt", f"negative times (the last note ends at tick {end_tick[j]})")
+                                if end_tick[j] < 0 else
+                                PieceError("too_long", f"{quarters[j]:.0f} quarters > max {options.max_quarters:.0f}"))
+        batch = batch.take(np.setdiff1d(np.arange(len(batch)), drop))
     return batch, errors
 
 
@@ -491,7 +535,7 @@ def read_music21(data: bytes, fmt: str, options: ReadOptions = ReadOptions()) ->
     if end > options.max_quarters:
         raise PieceError("too_long", f"{end:.0f} quarters > max {options.max_quarters:.0f}")
     return Piece.from_columns(pitch, start, dur, vel, prog, trk, qpm=qpm, time_signature=ts,
-                              seconds=end * 60.0 / qpm)
+                              seconds=piece.end_seconds())
 
 
 def read_piece(source: str, data: bytes, options: ReadOptions = ReadOptions()) -> Piece:
