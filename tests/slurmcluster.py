@@ -8,19 +8,26 @@ Topology (nothing is added to the root network namespace)::
     netns mfsK-n2   : host "n2",  10.213.K.12  -> slurmd -N n2  ...
 
 K is random per cluster (one not used by another cluster's namespaces), so two clusters can run at
-once.  Each host is a network namespace *and* its own UTS namespace (``hostname`` says ``n1``) *and* its
-own mount namespace in which the cluster's hosts file is bind-mounted on /etc/hosts (``ctl``, ``n1``,
-``n2``... resolve to their addresses on every host, ``localhost`` to 127.0.0.1).  A holder process per
-host (``sleep infinity``, started as ``nsenter --net=/run/netns/X unshare --uts --mount``; not ``ip netns
-exec``, whose fresh /sys hides /sys/fs/cgroup and makes slurmd fail) owns these namespaces; the daemons
-and everything ``run()`` starts enter them with ``nsenter --target <holder>``.
+once.  Each host has its own network namespace, UTS namespace (``hostname`` says ``n1``), PID namespace
+(its processes only; ``ps``, ``pkill`` or ``ray stop`` on a node touch that node only, as on a real
+cluster) and mount namespace (its own /proc, and the cluster's hosts file bind-mounted on /etc/hosts:
+``ctl``, ``n1``, ``n2``... resolve to their addresses on every host, ``localhost`` to 127.0.0.1).  Each
+host's init (pid 1 there, a small Python reaper started as ``nsenter --net=/run/netns/X unshare --uts
+--mount --pid --fork --mount-proc``; not ``ip netns exec``, whose fresh /sys hides /sys/fs/cgroup and
+makes slurmd fail) owns these namespaces, adopts orphans as a node's init does, and takes every process
+of its host along when it is killed; the daemons and everything ``run()`` starts enter a host with
+``nsenter --target <init> --net --uts --mount --pid``.
 
-The file system and the PID space are shared with the root namespace: the "shared file system" is the
-disk (the venv, the repo and pytest's ``tmp_path`` are visible on every node; so is ``/tmp``: all nodes
-share one /tmp and /dev/shm, e.g. Ray's /tmp/ray).  One munged (own random key and socket in the
-cluster's temp dir, ``AuthInfo=socket=...``) serves every host through that socket file.  There is no
-default route in any namespace, so nothing leaves the test subnet; give Ray the node address explicitly
-(``ray start --node-ip-address="$(hostname -i)"``: ``hostname -i`` works through the hosts file).
+The file system is shared with the root namespace: the "shared file system" is the disk (the venv, the
+repo and pytest's ``tmp_path`` are visible on every node; so is ``/tmp``: all nodes share one /tmp and
+/dev/shm, e.g. Ray's /tmp/ray, so give Ray a ``--temp-dir`` of the test's own, short: unix socket paths).
+PIDs a job writes down are PIDs on its node (``leftover_processes()`` gives both).  One munged (own random
+key and socket in the cluster's temp dir, ``AuthInfo=socket=...``) serves every host through that socket
+file.  There is no default route in any namespace, so nothing leaves the test subnet; give Ray the node
+address explicitly (``ray start --node-ip-address="$(hostname -i)"``: ``hostname -i`` works through the
+hosts file).  The client environment sets ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1`` (tests/conftest.py sets 0 for the
+tests' loopback Rays, which keeps a worker from joining a head); Ray 2.60 also needs
+``RAY_AUTH_MODE=token`` in the job for drivers and workers to join a head on a node address.
 
 Inside a job: the batch script runs on the first node of its allocation, in that node's namespaces, so
 ``127.0.0.1`` there is that node's own loopback and other nodes are reached by NodeAddr or by name
@@ -51,8 +58,9 @@ API (every wait is bounded, every subprocess has a timeout):
   ``controller_name`` ("ctl"), ``controller_ip``, ``hosts`` (["ctl", "n1", ...]),
   ``netns`` ({host: namespace}), ``subnet`` ("10.213.K.0/24").
 * ``client_env(env=None) -> dict``: the environment of every command: os.environ without SLURM_*/SBATCH_*/
-  SRUN_*/SALLOC_*..., plus SLURM_CONF, plus ``env`` (a None value removes a key).  sbatch exports it to
-  the job (Slurm's default ``--export=ALL``), so PATH, MIDIFORGE_VENV... pass through ``env``.
+  SRUN_*/SALLOC_*..., plus SLURM_CONF and RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1, plus ``env`` (a None value
+  removes a key).  sbatch exports it to the job (Slurm's default ``--export=ALL``), so PATH,
+  MIDIFORGE_VENV... pass through ``env``.
 * ``sbatch(args, env=None, cwd=None, timeout=60) -> int`` (adds ``--parsable``; ``cwd`` = the job's
   WorkDir and where ``slurm-%j.out`` goes by default; default ``jobdir``).
 * ``wait(job_id, timeout=300, cancel_on_timeout=True) -> str``: the final state; on timeout the job is
@@ -69,13 +77,15 @@ API (every wait is bounded, every subprocess has a timeout):
 * ``run(cmd, node=None, env=None, timeout=60, check=True, cwd=None) -> CompletedProcess``: a command (list,
   or str for ``sh -c``) on ``node`` ("n1"... or None for the controller); text output captured;
   CalledProcessError (with output) if ``check`` and it fails.  ``popen(cmd, node=None, env=None, **kw)``:
-  the same without waiting (new session; the caller stops it).
+  the same without waiting (new session; the caller stops it with ``os.killpg(p.pid, sig)``: p is
+  nsenter, waiting for ``cmd``, which is in its process group).
 * ``node_states() -> {name: state}``, ``wait_idle(timeout=60)``.
-* ``leftover_processes() -> [{"pid", "host", "cmdline"}]``: every process in the cluster's namespaces
-  except its daemons, slurmctld's helper and the holders (slurmstepd and whatever jobs started, daemonized
-  ones too); ``wait_no_leftovers(timeout=30) -> list`` (polls until empty, returns what is left),
-  ``kill_leftovers() -> list`` (SIGKILL them), ``reset(timeout=60) -> {"jobs", "processes"}`` (cancel every
-  job, kill leftovers, restart a dead slurmd, wait for idle nodes; returns what it had to clean).
+* ``leftover_processes() -> [{"pid", "nspid", "host", "cmdline"}]`` (pid in the root PID namespace, pid
+  on its host): every process in the cluster's namespaces except its daemons, slurmctld's helper and the
+  hosts' inits (slurmstepd and whatever jobs started, daemonized ones too);
+  ``wait_no_leftovers(timeout=30) -> list`` (polls until empty, returns what is left),
+  ``kill_leftovers() -> list`` (SIGKILL them), ``reset(timeout=60) -> {"jobs", "processes"}`` (cancel
+  every job, kill leftovers, restart a dead slurmd, wait for idle nodes; returns what it had to clean).
 * ``kill_slurmd(node, sig=SIGKILL)`` / ``start_slurmd(node)`` (node failure tests), ``log(name)``
   ("slurmctld", "munged" or a node name) reads a daemon's log.
 * module level: ``missing_requirements() -> str | None`` (why no cluster can run here: not root, missing
@@ -85,8 +95,9 @@ slurm.conf essentials for Debian's 22.05.8 here: ``ProctrackType=proctrack/linux
 ``TaskPlugin=task/none``, ``SelectType=select/cons_tres`` + ``CR_CPU``, ``SlurmdParameters=
 config_overrides`` (nodes may declare more CPUs than the machine has), ``SlurmdSpoolDir``/pid/log files
 with ``%n`` (several slurmd on one file system), ``ReturnToService=2``, ``KillWait=5``,
-``AuthInfo=socket=...,cred_expire=15``, no accounting (``sacct`` does not work here),
-``JobCompType=jobcomp/filetxt`` (final states of purged jobs).
+``AuthInfo=socket=...,cred_expire=15`` (a requeued job waits cred_expire+1 s: 120 s by default),
+``SchedulerParameters=bf_interval=2,sched_interval=2`` (pending jobs start within seconds), no
+accounting (``sacct`` does not work here), ``JobCompType=jobcomp/filetxt`` (final states of purged jobs).
 """
 from __future__ import annotations
 
@@ -98,6 +109,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -111,22 +123,29 @@ REQUIRED_BINARIES = ("munged", "munge", "slurmctld", "slurmd", "slurmstepd", "sb
                      "squeue", "sinfo", "scancel", "ip", "nsenter", "unshare")
 
 
+_SEARCH_PATH = os.environ.get("PATH", "") + ":/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def _bin(name: str) -> str:
+    """Absolute path of a system binary (sbin directories searched too, whatever PATH says)."""
+    return shutil.which(name, path=_SEARCH_PATH) or name
+
+
 @functools.lru_cache(maxsize=None)
 def missing_requirements() -> str | None:
     """Why a SlurmCluster cannot run here (None if it can): root, binaries, network namespaces.  Cached."""
     if os.geteuid() != 0:
         return "the Slurm test cluster needs root (network namespaces, slurmd)"
-    env_path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
-    missing = [b for b in REQUIRED_BINARIES if shutil.which(b, path=env_path) is None]
+    missing = [b for b in REQUIRED_BINARIES if shutil.which(b, path=_SEARCH_PATH) is None]
     if missing:
         return f"missing binaries for the Slurm test cluster: {' '.join(missing)} (bash .ci/setup-cluster-deps.sh)"
     name = f"mfsprobe{os.getpid()}"
     try:
-        r = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True, timeout=20)
+        r = subprocess.run([_bin("ip"), "netns", "add", name], capture_output=True, text=True, timeout=20)
         if r.returncode != 0:
             return f"`ip netns add` does not work here: {r.stderr.strip()}"
     finally:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=20)
+        subprocess.run([_bin("ip"), "netns", "del", name], capture_output=True, timeout=20)
     return None
 
 
@@ -144,7 +163,24 @@ def wait_until(cond, timeout: float, what: str, interval: float = 0.25):
 
 def parse_kv(line: str) -> dict:
     """``Key=value Key2=value with spaces ...`` (scontrol -o, jobcomp/filetxt) -> dict."""
-    return {m.group(1): m.group(2) for m in re.finditer(r"(?:^|\s)([A-Za-z][\w:/]*)=(.*?)(?=\s+[A-Za-z][\w:/]*=|\s*$)", line)}
+    pattern = r"(?:^|\s)([A-Za-z][\w:/]*)=(.*?)(?=\s+[A-Za-z][\w:/]*=|\s*$)"
+    return {m.group(1): m.group(2) for m in re.finditer(pattern, line)}
+
+
+# pid 1 of each host's PID namespace: sets the host's name and /etc/hosts, then reaps orphans
+# (processes that left their job, e.g. daemonized ones, end up here, as on a real node)
+_INIT = r"""
+import os, signal, socket, subprocess, sys, time
+subprocess.run([sys.argv[3], "--bind", sys.argv[1], "/etc/hosts"], check=True)
+socket.sethostname(sys.argv[2])
+signal.signal(signal.SIGTERM, lambda *a: os._exit(0))
+print("ready", flush=True)
+while True:
+    try:
+        os.waitpid(-1, 0)
+    except ChildProcessError:
+        time.sleep(0.2)
+"""
 
 
 def _ns_inode(path: str) -> int | None:
@@ -177,7 +213,8 @@ class SlurmCluster:
         self.netns: dict[str, str] = {}
         self.switch_ns: str | None = None
         self._created_ns: list[str] = []
-        self._holders: dict[str, subprocess.Popen] = {}
+        self._holders: dict[str, subprocess.Popen] = {}  # per host: `unshare` (parent of the host's init)
+        self._inits: dict[str, int] = {}  # per host: pid (in the root PID namespace) of the host's init
         self._daemons: dict[str, subprocess.Popen] = {}  # "munged", "slurmctld", node names
         self._submitted: dict[int, dict] = {}
         self._last_info: dict[int, dict] = {}
@@ -256,11 +293,11 @@ class SlurmCluster:
 
         # munged: own key and socket, in the root namespaces (the socket is a file every host sees)
         sock = t / "munge-sock" / "munge.socket"
-        self._spawn("munged", ["munged", "-F", "--force", f"--socket={sock}", f"--key-file={key}",
+        self._spawn("munged", [_bin("munged"), "-F", "--force", f"--socket={sock}", f"--key-file={key}",
                                f"--log-file={t / 'log' / 'munged.log'}", f"--pid-file={t / 'run' / 'munged.pid'}",
                                f"--seed-file={t / 'munge' / 'seed'}"])
         wait_until(lambda: self._alive("munged") and sock.exists() and subprocess.run(
-            ["munge", "-n", "-S", str(sock)], capture_output=True, timeout=10).returncode == 0,
+            [_bin("munge"), "-n", "-S", str(sock)], capture_output=True, timeout=10).returncode == 0,
             30, "munged to answer")
 
         # network: a switch namespace with a bridge, one namespace + veth per host
@@ -277,21 +314,21 @@ class SlurmCluster:
             self._ip("-n", ns, "addr", "add", f"{self.node_ip(h)}/24", "dev", "eth0")
             self._ip("-n", ns, "link", "set", "eth0", "up")
 
-        # one holder per host: its own hostname and /etc/hosts, in its network namespace
+        # one init per host: pid 1 of the host's PID namespace, in its network namespace, with its own
+        # hostname (UTS namespace) and /etc/hosts (mount namespace, where /proc shows the host's processes)
         for h, ns in self.netns.items():
-            self._holders[h] = subprocess.Popen(
-                ["nsenter", f"--net=/run/netns/{ns}", "--", "unshare", "--uts", "--mount", "--propagation=slave",
-                 "--", "sh", "-c",
-                 'mount --bind "$1" /etc/hosts && hostname "$2" && exec sleep infinity', "holder",
-                 str(t / "hosts"), h],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(t / "log" / f"holder-{h}.log", "w"),
-                start_new_session=True)
+            with open(t / "log" / f"init-{h}.log", "wb") as log:
+                self._holders[h] = subprocess.Popen(
+                    [_bin("nsenter"), f"--net=/run/netns/{ns}", "--", _bin("unshare"), "--uts", "--mount",
+                     "--propagation=slave", "--pid", "--fork", "--mount-proc", "--kill-child", "--",
+                     sys.executable, "-c", _INIT, str(t / "hosts"), h, _bin("mount"), "slurmcluster-init"],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         for h in self.hosts:
-            wait_until(lambda h=h: self._holder_ready(h), 30, f"namespace holder of {h}")
+            self._inits[h] = wait_until(lambda h=h: self._init_ready(h), 30, f"the init of {h}")
 
         # slurmctld, then one slurmd per node
-        self._spawn("slurmctld", self._enter(self.controller_name, ["slurmctld", "-D", "-i", "-f", self.conf],
-                                             self.tmpdir))
+        self._spawn("slurmctld", self._enter(self.controller_name,
+                                             [_bin("slurmctld"), "-D", "-i", "-f", self.conf], self.tmpdir))
         wait_until(lambda: self._check_alive("slurmctld") and self.client(
             ["scontrol", "ping"], check=False, timeout=20).stdout.find("is UP") >= 0,
             self.start_timeout, "slurmctld to answer `scontrol ping`", interval=0.5)
@@ -333,6 +370,7 @@ SlurmdParameters=config_overrides
 MpiDefault=none
 SwitchType=switch/none
 SchedulerType=sched/backfill
+SchedulerParameters=bf_interval=2,sched_interval=2
 ReturnToService=2
 KillWait=5
 MinJobAge=120
@@ -355,9 +393,22 @@ JobCompLoc={t / 'jobcomp.txt'}
         if not self.started:
             return
         problems: list[str] = []
-        # graceful stop of the daemons first (their logs end cleanly), then kill what is left
+        # graceful stop of the daemons first (their logs end cleanly), then the hosts' inits (the kernel
+        # kills every process of a PID namespace whose init dies), then anything else in our namespaces
         for name in ["slurmctld", *self.node_names]:
             self._terminate(name, signal.SIGTERM, 10)
+        for pid in self._inits.values():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for host, proc in self._holders.items():  # `unshare` exits once it has reaped its init, and the
+            if host not in self._inits:           # init dies once every process of its host is gone
+                proc.kill()  # (start failed before the init was up: --kill-child takes the init along)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                problems.append(f"the init of {host} (pid {self._inits.get(host)}) did not end")
         for _ in range(3):
             pids = [p for p, _h in self._pids_in_namespaces()]
             if not pids:
@@ -379,17 +430,12 @@ JobCompLoc={t / 'jobcomp.txt'}
         left = self._pids_in_namespaces()
         if left:
             problems.append(f"processes still in the cluster's namespaces: {left}")
-        for proc in self._holders.values():
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                problems.append(f"namespace holder {proc.pid} did not exit")
         self._terminate("munged", signal.SIGTERM, 10)
         for name, proc in self._daemons.items():
             if proc.poll() is None:
                 problems.append(f"{name} (pid {proc.pid}) still running")
         for ns in reversed(self._created_ns):
-            r = subprocess.run(["ip", "netns", "del", ns], capture_output=True, text=True, timeout=30)
+            r = subprocess.run([_bin("ip"), "netns", "del", ns], capture_output=True, text=True, timeout=30)
             if r.returncode != 0 and ns in self._list_netns():
                 problems.append(f"ip netns del {ns}: {r.stderr.strip()}")
         ours = [ns for ns in self._list_netns() if ns in self._created_ns]
@@ -443,7 +489,7 @@ JobCompLoc={t / 'jobcomp.txt'}
         """(Re)start ``node``'s slurmd; with ``wait``, until the node is idle again."""
         if self._alive(node):
             raise RuntimeError(f"slurmd of {node} is already running")
-        self._spawn(node, self._enter(node, ["slurmd", "-D", "-N", node, "-f", self.conf], self.tmpdir))
+        self._spawn(node, self._enter(node, [_bin("slurmd"), "-D", "-N", node, "-f", self.conf], self.tmpdir))
         if wait:
             wait_until(lambda: self._check_alive(node) and self.node_states().get(node) == "idle",
                        timeout, f"{node} to be idle", interval=0.5)
@@ -461,34 +507,39 @@ JobCompLoc={t / 'jobcomp.txt'}
 
     # ------------------------------------------------------------------ namespaces and processes
     def _ip(self, *args: str) -> None:
-        r = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+        r = subprocess.run([_bin("ip"), *args], capture_output=True, text=True, timeout=30)
         if r.returncode != 0:
             raise RuntimeError(f"ip {' '.join(args)}: {r.stderr.strip()}")
 
     @staticmethod
     def _list_netns() -> list[str]:
-        r = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30)
+        r = subprocess.run([_bin("ip"), "netns", "list"], capture_output=True, text=True, timeout=30)
         return [line.split()[0] for line in r.stdout.splitlines() if line.strip()]
 
-    def _holder_ready(self, host: str) -> bool:
+    def _init_ready(self, host: str) -> int | None:
+        """The root-namespace pid of ``host``'s init once it is ready, else None."""
         proc = self._holders[host]
+        log = self.tmpdir / "log" / f"init-{host}.log"
         if proc.poll() is not None:
-            raise RuntimeError(f"namespace holder of {host} exited: "
-                               f"{(self.tmpdir / 'log' / f'holder-{host}.log').read_text()}")
+            raise RuntimeError(f"the init of {host} exited: {log.read_text(errors='replace')}")
+        if "ready" not in log.read_text(errors="replace"):
+            return None
         try:
-            return Path(f"/proc/{proc.pid}/comm").read_text().strip() == "sleep"
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
         except OSError:
-            return False
+            return None
+        return int(children[0]) if len(children) == 1 else None
 
     def _enter(self, host: str | None, cmd: list[str], cwd=None) -> list[str]:
-        """``cmd`` run in ``host``'s network, UTS and mount namespaces, in ``cwd`` (entering a mount
-        namespace resets the working directory, so it is passed explicitly)."""
+        """``cmd`` run on ``host`` (its network, UTS, mount and PID namespaces), in ``cwd`` (entering a
+        mount namespace resets the working directory, so it is passed explicitly).  nsenter forks for
+        the PID namespace and waits: signals to its process group reach ``cmd``."""
         if host is None:
             host = self.controller_name
-        if host not in self._holders:
+        if host not in self._inits:
             raise KeyError(f"no host {host!r} in this cluster (hosts: {self.hosts})")
         wd = os.path.abspath(cwd if cwd is not None else os.getcwd())
-        return ["nsenter", f"--target={self._holders[host].pid}", "--net", "--uts", "--mount", f"--wd={wd}",
+        return [_bin("nsenter"), f"--target={self._inits[host]}", "--net", "--uts", "--mount", "--pid", f"--wd={wd}",
                 "--", *cmd]
 
     def _pids_in_namespaces(self) -> list[tuple[int, str]]:
@@ -510,14 +561,11 @@ JobCompLoc={t / 'jobcomp.txt'}
         return found
 
     def leftover_processes(self) -> list[dict]:
-        """Every process in the cluster's namespaces other than its daemons and namespace holders:
-        slurmstepd and whatever jobs started (daemonized ones too).  [{"pid", "host", "cmdline"}]"""
-        ours = {p.pid for p in self._holders.values()} | {p.pid for p in self._daemons.values()}
-        ctld = self._daemons.get("slurmctld")
-        left = []
+        """Every process in the cluster's namespaces other than its daemons, slurmctld's helper and the
+        hosts' inits: slurmstepd and whatever jobs started (daemonized ones too).
+        [{"pid": pid in the root PID namespace, "nspid": pid on its host, "host", "cmdline"}]"""
+        procs = {}
         for pid, host in self._pids_in_namespaces():
-            if pid in ours or pid == os.getpid():
-                continue
             try:
                 raw = Path(f"/proc/{pid}/cmdline").read_bytes()
                 status = Path(f"/proc/{pid}/status").read_text()
@@ -526,10 +574,16 @@ JobCompLoc={t / 'jobcomp.txt'}
             if "\nState:\tZ" in status:
                 continue  # a zombie is no running process (its parent will reap it)
             ppid = int(re.search(r"\nPPid:\t(\d+)", status).group(1))
-            if ctld is not None and ppid == ctld.pid:
-                continue  # slurmctld's own helper (slurmscriptd)
-            left.append({"pid": pid, "host": host, "cmdline": raw.replace(b"\0", b" ").decode(errors="replace").strip()})
-        return left
+            nspid = re.search(r"\nNSpid:\t([\d\t ]+)", status)
+            procs[pid] = {"pid": pid, "nspid": int(nspid.group(1).split()[-1]) if nspid else pid, "host": host,
+                          "cmdline": raw.replace(b"\0", b" ").decode(errors="replace").strip(), "ppid": ppid}
+        wrappers = {p.pid for p in self._daemons.values()}  # nsenter, waiting for its daemon
+        daemons = {pid for pid, p in procs.items() if p["ppid"] in wrappers}
+        ctld = self._daemons.get("slurmctld")
+        ctld_real = {pid for pid in daemons if ctld is not None and procs[pid]["ppid"] == ctld.pid}
+        ours = ({p.pid for p in self._holders.values()} | set(self._inits.values()) | wrappers | daemons
+                | {pid for pid, p in procs.items() if p["ppid"] in ctld_real} | {os.getpid()})
+        return [{k: v for k, v in p.items() if k != "ppid"} for pid, p in sorted(procs.items()) if pid not in ours]
 
     def kill_leftovers(self, timeout: float = 15) -> list[dict]:
         """SIGKILL every leftover process (see leftover_processes); returns what was killed."""
@@ -573,6 +627,9 @@ JobCompLoc={t / 'jobcomp.txt'}
     def client_env(self, env: dict | None = None) -> dict:
         out = {k: v for k, v in os.environ.items() if not k.startswith(_CLIENT_ENV_PREFIXES)}
         out["SLURM_CONF"] = self.conf
+        # tests/conftest.py sets it to 0 (a test's Ray stays on 127.0.0.1); on the cluster's nodes Ray
+        # joins over the node addresses, which exist only inside the cluster's namespaces
+        out["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1"
         for k, v in (env or {}).items():
             if v is None:
                 out.pop(k, None)

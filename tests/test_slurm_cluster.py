@@ -4,8 +4,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -43,9 +45,16 @@ def test_two_nodes_have_distinct_names_and_addresses(slurm, tmp_path):
         import json, os, socket, subprocess, sys
         out = subprocess.run([{IP!r}, "-4", "-o", "addr", "show"], capture_output=True, text=True, check=True).stdout
         ips = sorted(l.split()[3].split("/")[0] for l in out.splitlines() if l.split()[1] != "lo")
+        comms = set()
+        for p in os.listdir("/proc"):
+            try:
+                comms.add(open("/proc/%s/comm" % p).read().strip())
+            except OSError:
+                pass
         rec = {{"procid": os.environ["SLURM_PROCID"], "nodename": os.environ["SLURMD_NODENAME"],
                "hostname": socket.gethostname(), "resolved": socket.gethostbyname(socket.gethostname()),
-               "ips": ips, "marker": os.environ.get("MF_MARKER")}}
+               "ips": ips, "marker": os.environ.get("MF_MARKER"),
+               "init": open("/proc/1/cmdline").read().strip("\\0").split("\\0")[-1], "comms": sorted(comms)}}
         with open(os.path.join(sys.argv[1], "task-%s.json" % rec["procid"]), "w") as f:
             json.dump(rec, f)
         """))
@@ -65,6 +74,9 @@ def test_two_nodes_have_distinct_names_and_addresses(slurm, tmp_path):
         assert r["ips"] == [slurm.node_ip(r["nodename"])]  # and exactly its NodeAddr on its interface
         assert r["resolved"] == slurm.node_ip(r["nodename"])  # hostname -> its address (the nodes' hosts file)
         assert r["marker"] == "passed-through"  # the submitting environment reached the tasks
+        # each node has its own process space: its own init, its slurmd, not the controller's slurmctld
+        assert r["init"] == "slurmcluster-init"
+        assert "slurmd" in r["comms"] and "slurmctld" not in r["comms"]
     assert len({r["ips"][0] for r in recs}) == 2
     assert (tmp_path / "batch.txt").read_text().split() == ["batch", "n1", "n1", "2", "passed-through"]
     info = slurm.job_info(job_id)
@@ -73,6 +85,24 @@ def test_two_nodes_have_distinct_names_and_addresses(slurm, tmp_path):
     # the node addresses exist only inside the cluster's namespaces
     root = _root_ns_ipv4()
     assert not any(ip in root for ip in [slurm.controller_ip, *slurm.node_ips])
+
+
+def test_run_and_popen_on_hosts(slurm):
+    for host in slurm.hosts:
+        r = slurm.run("echo $(hostname) $(hostname -i) $(cat /proc/1/comm)", node=host)
+        assert r.stdout.split() == [host, slurm.node_ip(host), "python"]  # pid 1 there: the host's init
+    p = slurm.popen(["sleep", "600"], node="n1", stdout=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: ("n1", "sleep 600") in [(x["host"], x["cmdline"]) for x in slurm.leftover_processes()],
+                   30, "the sleep on n1")
+    finally:
+        os.killpg(p.pid, signal.SIGTERM)
+        p.wait(timeout=30)
+    assert slurm.wait_no_leftovers(30) == []
+    with pytest.raises(subprocess.CalledProcessError):
+        slurm.run(["false"], node="n2")
+    with pytest.raises(KeyError):
+        slurm.run(["true"], node="n9")
 
 
 def test_tcp_between_nodes(slurm, tmp_path):
@@ -148,13 +178,13 @@ def test_scancel_leaves_no_process(slurm, tmp_path):
     wait_until(lambda: all((tmp_path / f"task-{n}").exists() for n in slurm.node_names), 60, "both tasks")
     pids = {int((tmp_path / f).read_text()): host for f, host in
             [("batch-child", "n1"), ("task-n1", "n1"), ("child-n1", "n1"), ("task-n2", "n2"), ("child-n2", "n2")]}
-    running = {p["pid"]: p["host"] for p in slurm.leftover_processes()}
-    for pid, host in pids.items():  # leftover_processes() sees the job's processes on both nodes
-        assert running.get(pid) == host, (pid, host, running)
+    running = {(p["host"], p["nspid"]): p["pid"] for p in slurm.leftover_processes()}
+    for nspid, host in pids.items():  # leftover_processes() sees the job's processes on both nodes
+        assert (host, nspid) in running, (host, nspid, running)
     slurm.scancel(job_id)
     assert slurm.wait(job_id, timeout=60) == "CANCELLED"
     assert slurm.wait_no_leftovers(60) == []
-    assert not any(_alive(p) for p in pids)
+    assert not any(_alive(p) for p in running.values())
     slurm.wait_idle(60)
 
 
@@ -168,13 +198,14 @@ def test_daemonized_job_process_is_found(slurm, tmp_path):
     try:
         assert slurm.wait(job_id, timeout=60) == "COMPLETED"
         assert (tmp_path / f"slurm-{job_id}.out").exists()  # the default output, in sbatch's cwd
-        pid = int((tmp_path / "daemon.pid").read_text())
+        nspid = int((tmp_path / "daemon.pid").read_text())
         # the job's slurmstepd goes away, the daemonized sleep stays (and is reported, on its node)
-        wait_until(lambda: [p["pid"] for p in slurm.leftover_processes()] == [pid], 30, "only the daemon left")
-        assert [(p["pid"], p["host"]) for p in slurm.leftover_processes()] == [(pid, "n2")]
-        assert _alive(pid)
-        assert [p["pid"] for p in slurm.kill_leftovers()] == [pid]
-        assert not _alive(pid)
+        wait_until(lambda: [p["nspid"] for p in slurm.leftover_processes()] == [nspid], 30, "only the daemon left")
+        [left] = slurm.leftover_processes()
+        assert (left["host"], left["nspid"], Path(left["cmdline"].split()[0]).name) == ("n2", nspid, "sleep")
+        assert _alive(left["pid"])
+        assert [p["pid"] for p in slurm.kill_leftovers()] == [left["pid"]]
+        assert not _alive(left["pid"])
     finally:
         slurm.kill_leftovers()
     assert slurm.leftover_processes() == []
@@ -197,6 +228,58 @@ def test_requeue_reruns_the_job(slurm, tmp_path):
     assert slurm.wait_no_leftovers(60) == []  # the first run's sleep was killed by the requeue
 
 
+def test_ray_head_and_worker_on_two_nodes(slurm, tmp_path):
+    """What the cluster is for: a Ray head on the batch node, a worker on the other node (srun), joined
+    over the node addresses, tasks run on both."""
+    bindir = Path(sys.executable).parent
+    ray_tmp = Path(tempfile.mkdtemp(prefix="mfr", dir="/tmp"))  # short: Ray's unix socket paths
+    driver = tmp_path / "driver.py"
+    driver.write_text(textwrap.dedent("""\
+        import json, socket, sys, time
+        import ray
+        ray.init(address=sys.argv[1])
+        deadline = time.monotonic() + 120
+        while len([n for n in ray.nodes() if n["Alive"]]) < 2:
+            assert time.monotonic() < deadline, "the worker node never joined"
+            time.sleep(0.5)
+        @ray.remote(num_cpus=1)
+        def where():
+            time.sleep(2)
+            return socket.gethostname()
+        hosts = ray.get([where.remote() for _ in range(4)], timeout=120)
+        nodes = sorted(n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"])
+        with open(sys.argv[2], "w") as f:
+            json.dump({"nodes": nodes, "hosts": sorted(set(hosts))}, f)
+        """))
+    job = _script(tmp_path / "job.sh", f"""\
+        export RAY_AUTH_MODE=token
+        head_ip=$(hostname -i)
+        {bindir}/ray start --head --node-ip-address="$head_ip" --port=6379 --num-cpus=1 --temp-dir={ray_tmp} \\
+            --include-dashboard=false --disable-usage-stats --block > {tmp_path}/head.log 2>&1 &
+        head=$!
+        srun --nodes=1 --ntasks=1 --nodelist=n2 sh -c '{bindir}/ray start --address='"$head_ip"':6379 \\
+            --node-ip-address="$(hostname -i)" --num-cpus=1 --disable-usage-stats --block' \\
+            > {tmp_path}/worker.log 2>&1 &
+        worker=$!
+        rc=0
+        {PY} {driver} "$head_ip:6379" {tmp_path}/result.json || rc=$?
+        kill -TERM $worker $head
+        wait || true
+        exit $rc
+        """)
+    try:
+        job_id = slurm.sbatch(["--nodes=2", f"--output={tmp_path}/out.txt", str(job)])
+        state = slurm.wait(job_id, timeout=240)
+        logs = "".join((tmp_path / f).read_text()[-2000:] for f in ("out.txt", "head.log", "worker.log")
+                       if (tmp_path / f).exists())
+        assert state == "COMPLETED", logs
+        result = json.loads((tmp_path / "result.json").read_text())
+        assert result == {"nodes": slurm.node_ips, "hosts": ["n1", "n2"]}, logs
+        assert slurm.wait_no_leftovers(60) == []  # the head's and worker's processes ended with the job
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
 @pytest.mark.skipif(missing_requirements() is not None, reason=str(missing_requirements()))
 def test_stop_leaves_nothing(tmp_path):
     """A second, own cluster (beside the session one): stop() kills daemons and job processes, deletes
@@ -213,9 +296,11 @@ def test_stop_leaves_nothing(tmp_path):
             """)
         job_id = cluster.sbatch(["--nodes=2", f"--output={tmp_path}/out.txt", str(job)])
         cluster.wait_state(job_id, "RUNNING", timeout=60)
-        wait_until(lambda: sum(Path(p["cmdline"].split()[0]).name == "sleep" for p in cluster.leftover_processes()) == 2, 60,
-                   "srun's sleep on both nodes")
+        wait_until(lambda: sorted(p["host"] for p in cluster.leftover_processes()
+                                  if Path(p["cmdline"].split()[0]).name == "sleep") == ["n1", "n2"],
+                   60, "srun's sleep on both nodes")
         daemons = {name: p.pid for name, p in cluster._daemons.items()}
+        inits = list(cluster._inits.values())
         job_pids = [p["pid"] for p in cluster.leftover_processes()]
         namespaces = [*cluster.netns.values(), cluster.switch_ns]
         tmpdir = cluster.tmpdir
@@ -225,7 +310,7 @@ def test_stop_leaves_nothing(tmp_path):
         cluster.stop()  # raises if anything could not be cleaned up
         print(f"stopped in {time.monotonic() - t1:.1f}s")
     assert set(daemons) == {"munged", "slurmctld", "n1", "n2"}
-    assert not any(_alive(p) for p in [*daemons.values(), *job_pids])
+    assert [p for p in [*daemons.values(), *inits, *job_pids] if _alive(p)] == []
     assert not set(namespaces) & set(SlurmCluster._list_netns())
     assert not tmpdir.exists()
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, timeout=30).stdout
