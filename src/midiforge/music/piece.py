@@ -11,6 +11,18 @@ from dataclasses import dataclass, field
 import numpy as np
 
 DRUM_PROGRAM = 128  # the program value that marks a drum note in ``program``
+DEFAULT_QPM = 120.0  # the tempo of a piece that states none (MIDI's default, 500000 us per quarter)
+
+
+def quarters_to_seconds(quarters, qpm):
+    """Seconds that ``quarters`` last at ``qpm`` quarters per minute (a missing or zero tempo:
+    :data:`DEFAULT_QPM`); scalars or arrays.  The one rule for a piece's ``seconds`` wherever its
+    length comes from quarters and one tempo (a MIDI file's tempo map is read by its reader)."""
+    if np.ndim(qpm):
+        qpm = np.where(np.asarray(qpm, dtype=np.float64) > 0, qpm, DEFAULT_QPM)
+    elif not qpm or qpm <= 0:
+        qpm = DEFAULT_QPM
+    return quarters * 60.0 / qpm
 
 
 @dataclass(frozen=True)
@@ -29,7 +41,7 @@ class Piece:
     duration: np.ndarray
     velocity: np.ndarray
     program: np.ndarray
-    qpm: float = 120.0
+    qpm: float = DEFAULT_QPM
     time_signature: tuple[int, int] = (4, 4)
     seconds: float = 0.0
     meta: dict = field(default_factory=dict)
@@ -61,6 +73,10 @@ class Piece:
     def end(self) -> float:
         """End of the last note, in quarters."""
         return float((self.start + self.duration).max()) if len(self) else 0.0
+
+    def end_seconds(self) -> float:
+        """End of the last note in seconds at the piece's tempo: :func:`quarters_to_seconds` of :meth:`end`."""
+        return float(quarters_to_seconds(self.end(), self.qpm))
 
     def select(self, mask: np.ndarray) -> "Piece":
         return Piece(
