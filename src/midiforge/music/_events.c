@@ -64,13 +64,26 @@ static int grow(Out *o, int64_t need) {
     return 0;
 }
 
+/* does a buffer format string say one native little-endian item of this kind */
+static int format_is(const char *fmt, const char *chars) {
+    if (!fmt) return 0;
+    if (*fmt == '@' || *fmt == '=' || *fmt == '<') fmt++;
+    return fmt[0] != '\0' && fmt[1] == '\0' && strchr(chars, fmt[0]) != NULL;
+}
+
+#define LIMIT32 (INT64_C(1) << 31)
+
 /* encode(offsets, start, duration, pitch, velocity, program, tempo_ids, bar_steps, grid, rule, per_piece)
  *   start/duration: float64 quarters; pitch/velocity/program: int16; offsets, tempo_ids, bar_steps,
  *   per_piece (out): int64.  grid = (steps_per_quarter, max_duration_steps, velocity_bins, programs,
  *   drums), rule = (max_shift, shift_base, bar_id, velocity_bins, velocity_base, pitch_base,
  *   duration_base, has_ins, bars, head, instrument ids).  Returns a bytearray of int32 ids, or None
  *   if a note cannot take the packed sort key (pitch outside 0..127, program outside 0..128, a
- *   piece too long): the caller then takes the NumPy path, which handles those. */
+ *   piece too long, a grid too fine for the key, an onset or duration too large for int64): the
+ *   caller then takes the NumPy path, which handles those.  Every argument is checked before
+ *   anything is written: TypeError for a buffer of the wrong item type, ValueError for sizes,
+ *   offsets or rules that do not agree, and for a start or duration that is not finite (NaN, inf).
+ *   per_piece is written once, at the end, from a private copy (it may share memory with an input). */
 static PyObject *encode(PyObject *self, PyObject *args) {
     PyObject *o[8], *grid_t, *rule_t, *per_o;
     if (!PyArg_ParseTuple(args, "OOOOOOOOOOO", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &grid_t,
@@ -78,6 +91,10 @@ static PyObject *encode(PyObject *self, PyObject *args) {
         return NULL;
     long long spq, max_dur, vel_bins;
     int programs, drums;
+    if (!PyTuple_Check(grid_t) || !PyTuple_Check(rule_t)) {
+        PyErr_SetString(PyExc_TypeError, "encode: grid and rule are tuples");
+        return NULL;
+    }
     if (!PyArg_ParseTuple(grid_t, "LLLii", &spq, &max_dur, &vel_bins, &programs, &drums)) return NULL;
     Rule r;
     PyObject *ins_o;
@@ -88,32 +105,52 @@ static PyObject *encode(PyObject *self, PyObject *args) {
     memset(v, 0, sizeof(v));
     PyObject *objs[10] = {o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7], ins_o, per_o};
     const Py_ssize_t item[10] = {8, 8, 8, 2, 2, 2, 8, 8, 8, 8};
+    const char *kinds[10] = {"ql", "d", "d", "h", "h", "h", "ql", "ql", "ql", "ql"};
+    const char *names[10] = {"offsets", "start", "duration", "pitch", "velocity", "program", "tempo_ids", "bar_steps",
+                             "instrument ids", "per_piece"};
     int ok = 1;
     for (int k = 0; k < 10 && ok; k++) {
-        int flags = PyBUF_C_CONTIGUOUS | (k == 9 ? PyBUF_WRITABLE : 0);
-        if (PyObject_GetBuffer(objs[k], &v[k], flags) < 0) { ok = 0; break; }
-        if (v[k].len % item[k]) { PyErr_SetString(PyExc_ValueError, "encode: buffer of the wrong item size"); ok = 0; }
+        int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (k == 9 ? PyBUF_WRITABLE : 0);
+        if (PyObject_GetBuffer(objs[k], &v[k], flags) < 0) { v[k].obj = NULL; ok = 0; break; }
+        if (v[k].itemsize != item[k] || !format_is(v[k].format, kinds[k])) {
+            PyErr_Format(PyExc_TypeError, "encode: %s: expected items of format '%c', got '%s'", names[k], kinds[k][0],
+                         v[k].format ? v[k].format : "B");
+            ok = 0;
+        }
     }
     Py_ssize_t n_pieces = ok ? v[0].len / 8 - 1 : 0, n_notes = ok ? v[1].len / 8 : 0;
     if (ok && (n_pieces < 0 || v[2].len / 8 != n_notes || v[3].len / 2 != n_notes || v[4].len / 2 != n_notes
                || v[5].len / 2 != n_notes || v[6].len / 8 != n_pieces || (r.bars && v[7].len / 8 != n_pieces)
-               || v[8].len / 8 != 129 || v[9].len / 8 != n_pieces || spq < 1 || max_dur < 1 || vel_bins < 0
-               || r.max_shift < 1)) {
-        PyErr_SetString(PyExc_ValueError, "encode: inconsistent arguments");
+               || v[8].len / 8 != 129 || v[9].len / 8 != n_pieces)) {
+        PyErr_SetString(PyExc_ValueError, "encode: inconsistent arguments (column lengths)");
+        ok = 0;
+    }
+    /* the rule's numbers: in ranges where no sum below can overflow */
+    if (ok && (spq < 1 || max_dur < 1 || vel_bins < 0 || r.max_shift < 1 || r.max_shift >= LIMIT32
+               || r.shift_base <= -LIMIT32 || r.shift_base >= LIMIT32 || r.bar_id <= -LIMIT32 || r.bar_id >= LIMIT32
+               || r.velocity_base <= -LIMIT32 || r.velocity_base >= LIMIT32 || r.pitch_base <= -LIMIT32
+               || r.pitch_base >= LIMIT32 || r.duration_base <= -LIMIT32 || r.duration_base >= LIMIT32)) {
+        PyErr_SetString(PyExc_ValueError, "encode: inconsistent arguments (grid or rule out of range)");
         ok = 0;
     }
     const int64_t *off = ok ? v[0].buf : NULL;
     if (ok && (off[0] != 0 || off[n_pieces] != n_notes)) { PyErr_SetString(PyExc_ValueError, "encode: bad offsets"); ok = 0; }
     for (Py_ssize_t p = 0; ok && p < n_pieces; p++)
         if (off[p + 1] < off[p]) { PyErr_SetString(PyExc_ValueError, "encode: offsets decrease"); ok = 0; }
+    const double *start = ok ? v[1].buf : NULL, *duration = ok ? v[2].buf : NULL;
+    for (Py_ssize_t i = 0; ok && i < n_notes; i++)
+        if (!isfinite(start[i]) || !isfinite(duration[i])) {
+            PyErr_Format(PyExc_ValueError, "encode: note %zd: its start or duration is not finite (NaN or inf)", i);
+            ok = 0;
+        }
+    int64_t *per_piece = NULL;
+    if (ok && !(per_piece = PyMem_Malloc(sizeof(int64_t) * (n_pieces > 0 ? n_pieces : 1)))) { PyErr_NoMemory(); ok = 0; }
     if (!ok) {
         for (int k = 0; k < 10; k++) if (v[k].obj) PyBuffer_Release(&v[k]);
         return NULL;
     }
-    const double *start = v[1].buf, *duration = v[2].buf;
     const int16_t *pitch = v[3].buf, *velocity = v[4].buf, *program = v[5].buf;
     const int64_t *tempo = v[6].buf, *steps = v[7].buf, *ins = v[8].buf;
-    int64_t *per_piece = v[9].buf;
     int64_t longest = 0;
     for (Py_ssize_t p = 0; p < n_pieces; p++) if (off[p + 1] - off[p] > longest) longest = off[p + 1] - off[p];
     int64_t *keys = PyMem_RawMalloc(sizeof(int64_t) * (3 * longest + 1));
@@ -122,8 +159,11 @@ static PyObject *encode(PyObject *self, PyObject *args) {
     /* the packed key: onset | program (8 bits) | pitch (7) | duration steps | velocity bin, each field in
      * bits of its own, so that keys sort as (onset, program, pitch, duration, velocity) tuples do and
      * unpack with shifts and masks (no 64-bit divisions) */
-    const int VBB = bits_for(vel_bins > 0 ? vel_bins : 1), DB = bits_for(max_dur + 1);
+    const int VBB = bits_for(vel_bins > 0 ? vel_bins : 1), DB = max_dur < (INT64_C(1) << 40) ? bits_for(max_dur + 1) : 62;
     const int PITCH_AT = VBB + DB, PROG_AT = PITCH_AT + 7, ON_AT = PROG_AT + 8;
+    if (ON_AT > 40) code = 1;  /* too many bits for the grid: NumPy; also keeps vel_bins, max_dur < 2**25 */
+    /* onsets and durations in steps, computed in double and range-checked before any conversion */
+    const double on_limit = ON_AT <= 40 ? (double)(INT64_C(1) << (62 - ON_AT)) : 0.0, d_limit = 0x1p62;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t p = 0; p < n_pieces && code == 0; p++) {
         int64_t m = 0;
@@ -131,19 +171,20 @@ static PyObject *encode(PyObject *self, PyObject *args) {
             int64_t prog = program[i];
             if (!drums && prog == 128) continue;
             if (!programs) prog = prog == 128 ? 128 : 0;
-            int64_t on = (int64_t)floor(start[i] * (double)spq + 0.5);
-            if (on < 0) on = 0;
-            int64_t d = (int64_t)floor(duration[i] * (double)spq + 0.5);
+            double on_f = floor(start[i] * (double)spq + 0.5), d_f = floor(duration[i] * (double)spq + 0.5);
+            if (!(on_f < on_limit) || !(d_f < d_limit && d_f > -d_limit) || pitch[i] < 0 || pitch[i] > 127 || prog < 0
+                || prog > 128) {
+                code = 1;  /* NaN/inf cannot get here (checked above); too large: NumPy's rules */
+                break;
+            }
+            int64_t on = on_f < 0 ? 0 : (int64_t)on_f;
+            int64_t d = (int64_t)d_f;
             d = d < 1 ? 1 : (d > max_dur ? max_dur : d);
             int64_t vb = 0;
             if (vel_bins > 0) {
                 int64_t vv = velocity[i] < 1 ? 1 : (velocity[i] > 127 ? 127 : velocity[i]);
                 vb = (vv - 1) * vel_bins / 127;
                 if (vb > vel_bins - 1) vb = vel_bins - 1;
-            }
-            if (pitch[i] < 0 || pitch[i] > 127 || prog < 0 || prog > 128 || ON_AT > 40 || on >= (INT64_C(1) << (62 - ON_AT))) {
-                code = 1;
-                break;
             }
             keys[m++] = (on << ON_AT) | (prog << PROG_AT) | ((int64_t)pitch[i] << PITCH_AT) | (d << VBB) | vb;
         }
@@ -187,6 +228,8 @@ static PyObject *encode(PyObject *self, PyObject *args) {
 done:;
     Py_END_ALLOW_THREADS
     PyMem_RawFree(keys);
+    if (code == 0 && n_pieces) memcpy(v[9].buf, per_piece, sizeof(int64_t) * n_pieces);
+    PyMem_Free(per_piece);
     for (int k = 0; k < 10; k++) PyBuffer_Release(&v[k]);
     if (code == -1) { PyMem_RawFree(out.buf); return PyErr_NoMemory(); }
     if (code == 1) { PyMem_RawFree(out.buf); Py_RETURN_NONE; }
