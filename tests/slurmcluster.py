@@ -52,8 +52,8 @@ API (every wait is bounded, every subprocess has a timeout):
 * ``SlurmCluster(nodes=2, cpus_per_node=2, memory_mb=4000, partition="debug", extra_conf="",
   start_timeout=120, debug="info", cred_expire=15)``; ``start()``, ``stop()`` (raises RuntimeError if
   anything of ours is left), context manager.  ``extra_conf``: more slurm.conf lines.
-* ``conf`` (slurm.conf path), ``tmpdir`` (the cluster's temp dir, removed by stop()), ``jobdir`` (the
-  default cwd of commands and sbatch).
+* ``conf`` (slurm.conf path), ``tmpdir`` (the cluster's temp dir /tmp/mfsK-slurm: config, state, spool,
+  logs; removed by stop()), ``jobdir`` (the default cwd of commands and sbatch).
 * ``node_names`` (["n1", "n2"]), ``node_ips`` (["10.213.K.11", ...]), ``node_ip(name)``,
   ``controller_name`` ("ctl"), ``controller_ip``, ``hosts`` (["ctl", "n1", ...]),
   ``netns`` ({host: namespace}), ``subnet`` ("10.213.K.0/24").
@@ -89,7 +89,10 @@ API (every wait is bounded, every subprocess has a timeout):
 * ``kill_slurmd(node, sig=SIGKILL)`` / ``start_slurmd(node)`` (node failure tests), ``log(name)``
   ("slurmctld", "munged" or a node name) reads a daemon's log.
 * module level: ``missing_requirements() -> str | None`` (why no cluster can run here: not root, missing
-  binaries, no ``ip netns``), ``wait_until(cond, timeout, what)``, ``parse_kv(line)``.
+  binaries, no ``ip netns``), ``cleanup_stale() -> list`` (start() calls it: removes the namespaces and
+  temp dir of clusters whose owner process died; the daemons died with it: every long-lived child is
+  started with PR_SET_PDEATHSIG=SIGKILL, so start a cluster from a thread that lives as long as it),
+  ``wait_until(cond, timeout, what)``, ``parse_kv(line)``.
 
 slurm.conf essentials for Debian's 22.05.8 here: ``ProctrackType=proctrack/linuxproc``,
 ``TaskPlugin=task/none``, ``SelectType=select/cons_tres`` + ``CR_CPU``, ``SlurmdParameters=
@@ -165,6 +168,67 @@ def parse_kv(line: str) -> dict:
     """``Key=value Key2=value with spaces ...`` (scontrol -o, jobcomp/filetxt) -> dict."""
     pattern = r"(?:^|\s)([A-Za-z][\w:/]*)=(.*?)(?=\s+[A-Za-z][\w:/]*=|\s*$)"
     return {m.group(1): m.group(2) for m in re.finditer(pattern, line)}
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: SIGKILL this child when the thread that started it dies (a killed pytest takes its
+    cluster along: a host's `unshare` takes its init, and so every process of the host)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+def _owner_token(pid: int) -> str:
+    """pid and start time of a process (a pid alone may be reused)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return f"{pid} {stat.rsplit(')', 1)[1].split()[19]}"
+    except (OSError, IndexError):
+        return ""
+
+
+def cleanup_stale() -> list[str]:
+    """Remove what clusters of dead processes left (a pytest killed before stop()): processes in their
+    namespaces, the namespaces, their temp dirs.  Returns the names removed.  A cluster whose owner
+    process still lives is never touched."""
+    removed = []
+    tmp = Path(tempfile.gettempdir())
+    live_ks = set()
+    for d in tmp.glob("mfs*-slurm"):
+        m = re.fullmatch(r"mfs(\d+)-slurm", d.name)
+        if not m:
+            continue
+        try:
+            owner = (d / "owner").read_text()
+        except OSError:
+            owner = None
+        if owner is None:
+            # being created right now (no owner yet) or broken: leave it unless it is old
+            try:
+                if time.time() - d.stat().st_mtime < 600:
+                    live_ks.add(int(m.group(1)))
+                    continue
+            except OSError:
+                continue
+        elif owner and _owner_token(int(owner.split()[0])) == owner:
+            live_ks.add(int(m.group(1)))
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(str(d))
+    stale_ns = [n for n in SlurmCluster._list_netns()
+                if (m := re.match(r"mfs(\d+)-", n)) and int(m.group(1)) not in live_ks]
+    if stale_ns:
+        inodes = {_ns_inode(f"/run/netns/{n}") for n in stale_ns} - {None}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and _ns_inode(f"/proc/{entry}/ns/net") in inodes:
+                try:
+                    os.kill(int(entry), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for n in stale_ns:
+            subprocess.run([_bin("ip"), "netns", "del", n], capture_output=True, timeout=30)
+            removed.append(n)
+    return removed
 
 
 # pid 1 of each host's PID namespace: sets the host's name and /etc/hosts, then reaps orphans
@@ -268,15 +332,27 @@ class SlurmCluster:
             raise
 
     def _start(self) -> None:
-        existing = set(self._list_netns())
-        used = {int(m.group(1)) for n in existing if (m := re.match(r"mfs(\d+)-", n))}
-        self.k = random.choice([k for k in range(2, 254) if k not in used])
+        cleanup_stale()
+        # K: the temp dir /tmp/mfsK-slurm is the reservation (mkdir is atomic), no namespace may use K
+        used = {int(m.group(1)) for n in self._list_netns() if (m := re.match(r"mfs(\d+)-", n))}
+        for k in random.sample(range(2, 254), 252):
+            if k in used:
+                continue
+            try:
+                (Path(tempfile.gettempdir()) / f"mfs{k}-slurm").mkdir()
+            except FileExistsError:
+                continue
+            self.k = k
+            break
+        else:
+            raise RuntimeError("no free 10.213.K.0/24 test subnet (252 Slurm test clusters exist?)")
         prefix = f"mfs{self.k}"
         self.netns = {h: f"{prefix}-{h}" for h in self.hosts}
         self.switch_ns = f"{prefix}-sw"
-        self.tmpdir = Path(tempfile.mkdtemp(prefix=f"{prefix}-slurm-"))
-        self.tmpdir.chmod(0o755)
+        self.tmpdir = Path(tempfile.gettempdir()) / f"{prefix}-slurm"
         t = self.tmpdir
+        t.chmod(0o755)
+        (t / "owner").write_text(_owner_token(os.getpid()))
         for d in ("state", "spool", "log", "run", "jobs"):
             (t / d).mkdir()
         for n in self.node_names:
@@ -322,7 +398,8 @@ class SlurmCluster:
                     [_bin("nsenter"), f"--net=/run/netns/{ns}", "--", _bin("unshare"), "--uts", "--mount",
                      "--propagation=slave", "--pid", "--fork", "--mount-proc", "--kill-child", "--",
                      sys.executable, "-c", _INIT, str(t / "hosts"), h, _bin("mount"), "slurmcluster-init"],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                    preexec_fn=_die_with_parent)
         for h in self.hosts:
             self._inits[h] = wait_until(lambda h=h: self._init_ready(h), 30, f"the init of {h}")
 
@@ -455,7 +532,8 @@ JobCompLoc={t / 'jobcomp.txt'}
         log = open(self.tmpdir / "log" / f"{name}.out", "ab")
         try:
             self._daemons[name] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                                   start_new_session=True, cwd=self.tmpdir)
+                                                   start_new_session=True, cwd=self.tmpdir,
+                                                   preexec_fn=_die_with_parent)
         finally:
             log.close()
 

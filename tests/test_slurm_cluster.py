@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from slurmcluster import SlurmCluster, missing_requirements, wait_until
+from slurmcluster import SlurmCluster, cleanup_stale, missing_requirements, wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
@@ -60,11 +60,14 @@ def test_two_nodes_have_distinct_names_and_addresses(slurm, tmp_path):
         """))
     job = _script(tmp_path / "job.sh", f"""\
         echo "batch $(hostname) $SLURMD_NODENAME $SLURM_JOB_NUM_NODES $MF_MARKER" > {tmp_path}/batch.txt
+        echo "hello from $(hostname)"
         srun --nodes=2 --ntasks=2 --ntasks-per-node=1 {PY} {where} {tmp_path}
         """)
-    job_id = slurm.sbatch(["--nodes=2", "--ntasks-per-node=1", f"--output={tmp_path}/out.txt", str(job)],
+    job_id = slurm.sbatch(["--nodes=2", "--ntasks-per-node=1", f"--output={tmp_path}/%x-%j.out", str(job)],
                           env={"MF_MARKER": "passed-through"}, cwd=tmp_path)
-    assert slurm.wait(job_id, timeout=120) == "COMPLETED", (tmp_path / "out.txt").read_text()
+    assert slurm.wait(job_id, timeout=120) == "COMPLETED", slurm.output(job_id)
+    assert slurm.output(job_id) == "hello from n1\n"
+    assert (tmp_path / f"job.sh-{job_id}.out").read_text() == "hello from n1\n"
 
     recs = [json.loads((tmp_path / f"task-{i}.json").read_text()) for i in range(2)]
     names = sorted(r["nodename"] for r in recs)
@@ -316,3 +319,31 @@ def test_stop_leaves_nothing(tmp_path):
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, timeout=30).stdout
     assert str(tmpdir) not in ps
     assert not any(ip in _root_ns_ipv4() for ip in [cluster.controller_ip, *cluster.node_ips])
+
+
+@pytest.mark.skipif(missing_requirements() is not None, reason=str(missing_requirements()))
+def test_a_killed_owner_takes_its_cluster_along(tmp_path):
+    """pytest killed before stop(): the daemons and the hosts' processes die with it, and the next
+    cluster's start (cleanup_stale) removes the namespaces and the temp dir it left."""
+    owner = subprocess.Popen([PY, "-c", textwrap.dedent(f"""\
+        import json, sys, time
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from slurmcluster import SlurmCluster
+        c = SlurmCluster(nodes=1, cpus_per_node=1)
+        c.start()
+        p = c.popen(["sleep", "600"], node="n1")
+        print(json.dumps({{"tmpdir": str(c.tmpdir), "netns": [*c.netns.values(), c.switch_ns],
+                          "pids": [*(d.pid for d in c._daemons.values()), *c._inits.values(), p.pid]}}), flush=True)
+        time.sleep(600)
+        """)], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        info = json.loads(owner.stdout.readline())
+    finally:
+        os.killpg(owner.pid, signal.SIGKILL)
+        owner.wait(timeout=30)
+    # everything it started dies with it (PR_SET_PDEATHSIG, then the hosts' inits take their hosts along)
+    wait_until(lambda: not any(_alive(p) for p in info["pids"]), 30, "the dead owner's cluster to die")
+    assert Path(info["tmpdir"]).exists() and set(info["netns"]) <= set(SlurmCluster._list_netns())
+    removed = cleanup_stale()
+    assert info["tmpdir"] in removed and set(info["netns"]) <= set(removed)
+    assert not Path(info["tmpdir"]).exists() and not set(info["netns"]) & set(SlurmCluster._list_netns())
