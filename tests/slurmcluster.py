@@ -752,8 +752,10 @@ JobCompLoc={t / 'jobcomp.txt'}
         except subprocess.CalledProcessError as e:
             raise RuntimeError(f"sbatch {' '.join(args)} failed ({e.returncode}): {e.stderr.strip()}") from None
         job_id = int(r.stdout.strip().splitlines()[-1].split(";")[0])
-        info = self.job_info(job_id)
-        self._submitted[job_id] = info
+        try:  # remembered for output(): StdOut stays known after slurmctld forgets the job
+            self._submitted[job_id] = self.job_info(job_id)
+        except (RuntimeError, KeyError, subprocess.TimeoutExpired):
+            pass
         return job_id
 
     def _show_job(self, job_id: int) -> dict | None:
@@ -788,6 +790,16 @@ JobCompLoc={t / 'jobcomp.txt'}
             raise KeyError(f"job {job_id} is unknown to slurmctld and to the jobcomp log")
         return info
 
+    def _info_until(self, job_id: int, deadline: float) -> dict:
+        """job_info, retrying a slurmctld that does not answer (a loaded machine) until ``deadline``."""
+        while True:
+            try:
+                return self.job_info(job_id)
+            except (RuntimeError, subprocess.TimeoutExpired):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+
     def state(self, job_id: int) -> str:
         return self.job_info(job_id)["JobState"].split()[0]
 
@@ -806,12 +818,7 @@ JobCompLoc={t / 'jobcomp.txt'}
         """Wait until the job has ended; returns its final state (COMPLETED, FAILED, CANCELLED, TIMEOUT...)."""
         deadline = time.monotonic() + timeout
         while True:
-            info = self._show_job(job_id)
-            if info is None:  # purged already: its jobcomp record has the final state
-                comp = self._jobcomp(job_id)
-                if comp is not None:
-                    return comp["JobState"]
-                raise KeyError(f"job {job_id} is unknown to slurmctld and to the jobcomp log")
+            info = self._info_until(job_id, deadline)
             state = info["JobState"]
             if state in TERMINAL_STATES:
                 return state
@@ -828,7 +835,7 @@ JobCompLoc={t / 'jobcomp.txt'}
         states = {states} if isinstance(states, str) else set(states)
         deadline = time.monotonic() + timeout
         while True:
-            info = self.job_info(job_id)
+            info = self._info_until(job_id, deadline)
             state = info["JobState"]
             if state in states:
                 return state
