@@ -7,6 +7,7 @@ path run exactly as in production.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -311,3 +312,64 @@ def test_ray_only_options_need_the_ray_launcher(shards, tmp_path):
     assert r.returncode == 2
     assert "--num-workers, --max-failures: only with --launcher ray" in r.stderr
     assert not (tmp_path / "model").exists()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+@pytest.mark.slow
+def test_ray_launcher_with_max_failures_survives_a_killed_worker_with_exact_epochs(shards, tmp_path):
+    """A Ray Train worker is SIGKILLed mid-training; Ray restarts the worker group (--max-failures 1),
+    which continues from the backup: the run finishes with every epoch exactly once."""
+    out, epochs = tmp_path / "model", 3
+    cmd = [sys.executable, "-m", "midiforge.cli", "train", str(shards), str(out), "--launcher", "ray",
+           "--num-workers", "2", "--max-failures", "1", "--epochs", str(epochs), *SMALL, "--backup-every", "3",
+           "--cache-dir", str(tmp_path / "cache")]
+    log = tmp_path / "driver.log"
+    with open(log, "w") as fh:
+        driver = subprocess.Popen(cmd, env=_env(RAY_ADDRESS=""), stdout=fh, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not _epochs(out / "metrics.jsonl") and driver.poll() is None:
+            time.sleep(0.5)
+        assert _epochs(out / "metrics.jsonl"), log.read_text()[-3000:]
+        workers = sorted(p for p in _descendants(driver.pid) if "RayTrainWorker" in _cmdline(p))
+        assert len(workers) == 2, [_cmdline(p) for p in _descendants(driver.pid)]
+        os.kill(workers[-1], signal.SIGKILL)
+        code = driver.wait(timeout=600)
+    finally:
+        if driver.poll() is None:   # failed: stop the driver and its local Ray (live descendants only)
+            for pid in [*_descendants(driver.pid), driver.pid]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            driver.wait(timeout=60)
+    assert code == 0, log.read_text()[-3000:]
+    assert _epochs(out / "metrics.jsonl") == list(range(1, epochs + 1))   # every epoch once
+    run = json.loads((out / "run.json").read_text())
+    assert (run["status"], run["starts"], run["workers"]) == ("finished", 2, 2)
+    assert verify_store(open_store(str(out))).ok
