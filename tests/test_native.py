@@ -7,6 +7,9 @@ checks that, with the extensions hidden); MIDIFORGE_REQUIRE_NATIVE=1 makes a mis
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,10 +31,11 @@ CONFIGS = [
 
 NOT_BUILT = ("midiforge.music._events is not built (no C compiler when midiforge was installed): the NumPy "
              "path runs instead; `pip install -e .` with a C compiler builds it")
-pytestmark = pytest.mark.skipif(tokenizers._native is None and not os.environ.get("MIDIFORGE_REQUIRE_NATIVE"),
-                                reason=NOT_BUILT)
+needs_events = pytest.mark.skipif(tokenizers._native is None and not os.environ.get("MIDIFORGE_REQUIRE_NATIVE"),
+                                  reason=NOT_BUILT)
 
 
+@needs_events
 def test_the_extension_is_built():
     # `make` builds it (setup.py); a machine without a C compiler skips this file (see pytestmark)
     assert tokenizers._native is not None, NOT_BUILT
@@ -48,6 +52,7 @@ def _all_modes(tok: EventsTokenizer, batch: PieceBatch) -> list:
     return out
 
 
+@needs_events
 @pytest.mark.parametrize("config", CONFIGS, ids=["default", "everything", "no_velocity_tempo", "bars_shift1"])
 def test_native_equals_numpy_on_every_shared_file(config):
     datas = [p.read_bytes() for name in ("ff", "nottingham") for p in midi_files(name)]
@@ -68,6 +73,7 @@ def test_native_equals_numpy_on_every_shared_file(config):
         assert np.array_equal(offsets, other_offsets) and np.array_equal(ids, other_ids)
 
 
+@needs_events
 def test_a_note_outside_the_packed_key_takes_the_numpy_path():
     odd = Piece(np.array([60, 200], np.int16), np.array([0.0, 1.0]), np.array([1.0, 1.0]),
                 np.array([90, 90], np.int16), np.zeros(2, np.int16))  # pitch 200: no MIDI file has it
@@ -79,6 +85,7 @@ def test_a_note_outside_the_packed_key_takes_the_numpy_path():
     assert np.array_equal(a, b) and np.array_equal(oa, ob)
 
 
+@needs_events
 def test_native_rejects_a_program_out_of_range_like_numpy():
     bad = Piece.from_columns([60], [0.0], [1.0], [90], [0])
     bad = Piece(bad.pitch, bad.start, bad.duration, bad.velocity, np.array([999], dtype=np.int16))
@@ -89,6 +96,7 @@ def test_native_rejects_a_program_out_of_range_like_numpy():
             tok.encode(bad)
 
 
+@needs_events
 def test_native_checks_its_arguments():
     native = tokenizers._native
     z = np.zeros(0, np.int64)
@@ -130,6 +138,7 @@ def test_native_checks_its_arguments():
         native.encode(*cols, np.zeros(1, np.int64), z, grid, (2**62, *rule[1:]), np.zeros(1, np.int64))
 
 
+@needs_events
 def test_native_declines_what_it_cannot_cast_and_numpy_agrees():
     """Onsets and durations too large for the packed key or for int64 (finite): the C code hands the
     batch to NumPy (it never casts them), so both modes give the same ids."""
@@ -146,6 +155,7 @@ def test_native_declines_what_it_cannot_cast_and_numpy_agrees():
             assert np.array_equal(a, b) and np.array_equal(oa, ob)
 
 
+@needs_events
 def test_per_piece_sharing_memory_with_offsets_cannot_move_the_reads():
     """per_piece is written once at the end: an alias of the offsets (a caller's mistake) changes no read."""
     batch = PieceBatch.from_pieces([Piece.from_columns([60, 64], [0.0, 1.0], [1.0, 1.0], [90, 90], [0, 0])] * 3)
@@ -161,3 +171,39 @@ def test_per_piece_sharing_memory_with_offsets_cannot_move_the_reads():
                                     tok._tempo_ids(batch), np.zeros(0, np.int64), grid, rule, off[1:])
     assert np.frombuffer(got, np.int32).tolist() == ids.tolist()
     assert off[1:].tolist() == np.diff(offsets).tolist()  # the counts, written after every read
+
+
+HIDE = """
+import sys
+from importlib.abc import MetaPathFinder
+
+class Hide(MetaPathFinder):  # as on a machine where the C extensions could not be built
+    def find_spec(self, name, path=None, target=None):
+        if name in ("midiforge.music._events", "midiforge.music._midi"):
+            raise ModuleNotFoundError(f"No module named {name!r} (hidden by the test)", name=name)
+        return None
+
+sys.meta_path.insert(0, Hide())
+import pytest
+from midiforge.music import readers, tokenizers
+assert readers._native_midi is None and tokenizers._native is None
+sys.exit(pytest.main(sys.argv[1:]))
+"""
+
+
+def test_without_the_extensions_the_native_tests_skip_with_a_reason(tmp_path):
+    """The C extensions hidden by an import hook, in a subprocess: the tests of the compiled code skip
+    and say why, every other test of the readers still passes (the Python path), nothing fails."""
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "MIDIFORGE_REQUIRE_NATIVE"}
+    out = subprocess.run([sys.executable, "-c", HIDE, "-q", "-rs", "-p", "no:cacheprovider",
+                          str(root / "tests" / "test_native.py"), str(root / "tests" / "test_readers.py"),
+                          "-k", "not without_the_extensions"],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    summary = out.stdout.strip().splitlines()[-1]
+    assert "failed" not in summary and "error" not in summary and " skipped" in summary and " passed" in summary
+    assert "midiforge.music._events is not built" in out.stdout  # test_native.py's reason, in the -rs report
+    assert "midiforge.music._midi is not built" in out.stdout     # test_readers.py's
+    skipped = int(summary.split(" skipped")[0].split()[-1])
+    assert skipped >= 10  # every test of the compiled code (9 here, 4 + 3 + 1 in test_readers.py)

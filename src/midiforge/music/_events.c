@@ -111,7 +111,16 @@ static PyObject *encode(PyObject *self, PyObject *args) {
     int ok = 1;
     for (int k = 0; k < 10 && ok; k++) {
         int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (k == 9 ? PyBUF_WRITABLE : 0);
-        if (PyObject_GetBuffer(objs[k], &v[k], flags) < 0) { v[k].obj = NULL; ok = 0; break; }
+        if (PyObject_GetBuffer(objs[k], &v[k], flags) < 0) {
+            v[k].obj = NULL;
+            ok = 0;
+            if (PyErr_ExceptionMatches(PyExc_BufferError)) {  /* e.g. bytes for per_piece */
+                PyErr_Clear();
+                PyErr_Format(PyExc_TypeError, "encode: %s: a %sC-contiguous buffer is needed", names[k],
+                             k == 9 ? "writable " : "");
+            }
+            break;
+        }
         if (v[k].itemsize != item[k] || !format_is(v[k].format, kinds[k])) {
             PyErr_Format(PyExc_TypeError, "encode: %s: expected items of format '%c', got '%s'", names[k], kinds[k][0],
                          v[k].format ? v[k].format : "B");

@@ -131,6 +131,10 @@ static int get_buf(PyObject *obj, Py_buffer *view, Py_ssize_t items, Py_ssize_t 
     view->obj = NULL;
     if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0)) < 0) {
         view->obj = NULL;
+        if (PyErr_ExceptionMatches(PyExc_BufferError)) {  /* e.g. bytes where an output goes */
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "%s: a %sC-contiguous buffer is needed", name, writable ? "writable " : "");
+        }
         return -1;
     }
     if (view->itemsize != itemsize || !format_is(view->format, kinds)) {
