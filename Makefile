@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_OUT ?= demo-out
 
-.PHONY: demo test venv clean bench
+.PHONY: demo test test-cluster venv clean bench
 
 venv: $(STAMP)
 
@@ -20,8 +20,13 @@ $(STAMP): pyproject.toml setup.py src/midiforge/music/_events.c src/midiforge/mu
 demo: $(STAMP)
 	$(BIN)/midiforge demo --out $(DEMO_OUT)
 
+# everything but the tests on the real clusters (marker "cluster"): those need root, Slurm and network namespaces
+# and take ~15 minutes; `make test-cluster` runs them (CI runs both)
 test: $(STAMP)
-	$(BIN)/python -m pytest -ra
+	$(BIN)/python -m pytest -ra -m "not cluster"
+
+test-cluster: $(STAMP)
+	$(BIN)/python -m pytest -ra -m cluster
 
 # the benchmarks (each prints one JSON object); the preprocess and train ones read the shared corpora
 SHARED ?= ../shared/corpora
