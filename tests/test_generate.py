@@ -26,14 +26,14 @@ import pytest
 from corpora import midi_files
 from midiforge.cli import main as cli_main
 from midiforge.errors import MidiforgeError
-from midiforge.model.decode import KerasLSTM, Limits, NumpyLSTM, PieceJob, TokenClock, decode
+from midiforge.model.decode import KerasLSTM, Limits, NumpyLSTM, PieceJob, decode
 from midiforge.model.sampling import (
     SamplingSettings, choose, draw, piece_rng, repetition_penalty, softmax, top_k_mask, top_p_mask,
 )
 from midiforge.music import metrics as M
 from midiforge.music.midi_io import piano_roll_png, piece_to_midi
 from midiforge.music.piece import Piece
-from midiforge.music.primer import encode_primer, nearest_classic_token, start_primer
+from midiforge.music.primer import encode_primer, start_primer
 from midiforge.music.readers import read_piece
 from midiforge.music.tokenizers import BOS_ID, EOS_ID, PAD_ID, UNK_ID, make_tokenizer
 from midiforge.pipeline import pieces
@@ -231,7 +231,7 @@ def test_same_seed_same_tokens_whatever_the_batch(engine, corpus):
 def test_max_seconds_stops_at_the_note_that_reaches_it(engine, corpus):
     tok = corpus["tok"]
     jobs = [PieceJob(i, start_primer(tok, 100.0), 100.0) for i in range(4)]
-    res = decode(engine, jobs, SamplingSettings(top_k=20), 9, Limits(400, 3.0), 4, TokenClock(tok))
+    res = decode(engine, jobs, SamplingSettings(top_k=20), 9, Limits(400, 3.0), 4, tok)
     assert {r.stop for r in res} <= {"max_seconds", "eos"}
     for r in res:
         if r.stop != "max_seconds":
@@ -314,9 +314,9 @@ def test_primers(corpus):
     assert mapped == 0 and ids[0] == BOS_ID and ids[-1] != EOS_ID
     assert ids[1] == tok.tempo_base + tok.tempo_bin(100.0)
     classic = make_tokenizer("classic").with_vocab(["C4", "E4", "G5", "0.4.7", "2.5.9"])
-    assert classic.vocab[nearest_classic_token("F4", classic.vocab)] == "E4"
-    assert classic.vocab[nearest_classic_token("0.4.8", classic.vocab)] == "0.4.7"
-    assert classic.vocab[nearest_classic_token("C#6", classic.vocab)] == "G5"
+    assert classic.vocab[classic.nearest_known("F4")] == "E4"
+    assert classic.vocab[classic.nearest_known("0.4.8")] == "0.4.7"
+    assert classic.vocab[classic.nearest_known("C#6")] == "G5"
     piece = Piece.from_columns([61, 60, 64, 67], [0, 1, 1, 1], [1, 1, 1, 1], [80] * 4, [0] * 4)
     ids, mapped = encode_primer(classic, piece)
     assert mapped == 1 and [classic.vocab[i] for i in ids[1:]] == ["C4", "0.4.7"]

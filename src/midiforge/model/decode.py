@@ -29,7 +29,8 @@ import numpy as np
 
 from midiforge.errors import MidiforgeError
 from midiforge.model.sampling import SamplingSettings, choose, piece_rng
-from midiforge.music.tokenizers import EOS_ID, SPECIALS, ClassicTokenizer, EventsTokenizer, Tokenizer
+from midiforge.music.piece import DEFAULT_QPM, quarters_to_seconds
+from midiforge.music.tokenizers import EOS_ID, Tokenizer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,91 +235,17 @@ class KerasLSTM:
 
 
 # ---------------------------------------------------------------------------------------------
-# the music clock: how long a token sequence sounds (for --max-seconds)
-# ---------------------------------------------------------------------------------------------
-class TokenClock:
-    """Vectorised running "end of the last note" per row, in quarters, from the tokens so far.
-
-    Follows the tokenizer's decoding: events (time shifts, bars, pitch + duration) or classic
-    (one onset every ``step`` quarters, notes ``duration`` long).
-    """
-
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        v = tokenizer.vocab_size
-        self.shift = np.zeros(v)              # quarters added to the time
-        self.pitch_len = np.zeros(v)          # a note starts here and lasts this long (0: not a note)
-        self.duration = np.zeros(v)           # length of the note the previous token started (events)
-        self.bar = np.zeros(v, dtype=bool)
-        self.bar_quarters = 4.0
-        if isinstance(tokenizer, EventsTokenizer):
-            c = tokenizer.config
-            spq = c.steps_per_quarter
-            for k in range(1, c.max_shift_steps + 1):
-                self.shift[tokenizer.shift_base + k] = k / spq
-            for p in range(128):
-                self.pitch_len[tokenizer.pitch_base + p] = 1 / spq   # a PITCH without DURATION: one step
-            for d in range(1, c.max_duration_steps + 1):
-                self.duration[tokenizer.duration_base + d] = d / spq
-            if tokenizer.bar_id >= 0:
-                self.bar[tokenizer.bar_id] = True
-                self.bar_quarters = tokenizer.bar_steps((4, 4)) / spq
-        elif isinstance(tokenizer, ClassicTokenizer):
-            for i in range(len(SPECIALS), v):
-                self.pitch_len[i] = tokenizer.config.duration
-                self.shift[i] = tokenizer.config.step
-        else:
-            raise MidiforgeError(f"no music clock for tokenizer {type(tokenizer).__name__}")
-        self.time = np.zeros(0)
-        self.end = np.zeros(0)
-        self.bars_started = np.zeros(0, dtype=bool)
-        self.note_start = np.zeros(0)         # start of the previous token's note (NaN: it was not a note)
-
-    def begin(self, n: int) -> None:
-        self.time = np.zeros(n)
-        self.end = np.zeros(n)
-        self.bars_started = np.zeros(n, dtype=bool)
-        self.note_start = np.full(n, np.nan)
-
-    def keep(self, mask: np.ndarray) -> None:
-        self.time, self.end = self.time[mask], self.end[mask]
-        self.bars_started, self.note_start = self.bars_started[mask], self.note_start[mask]
-
-    def advance(self, rows, tokens: np.ndarray, commit: bool = True) -> np.ndarray:
-        """The note end of ``rows`` (a mask or indices) after ``tokens``; stored when ``commit``."""
-        tokens = np.asarray(tokens, dtype=np.int64)
-        time, started, note_start = self.time[rows], self.bars_started[rows], self.note_start[rows]
-        is_bar = self.bar[tokens]
-        if is_bar.any():
-            nxt = (np.floor(time / self.bar_quarters + 1e-9) + 1) * self.bar_quarters
-            time = np.where(is_bar, np.where(started, nxt, 0.0), time)
-            started = started | is_bar
-        end = self.end[rows]
-        # a DURATION right after a PITCH sets that note's length (the decoder's rule)
-        dur = (self.duration[tokens] > 0) & ~np.isnan(note_start)
-        end = np.where(dur, np.maximum(end, np.nan_to_num(note_start) + self.duration[tokens]), end)
-        is_note = self.pitch_len[tokens] > 0
-        end = np.where(is_note, np.maximum(end, time + self.pitch_len[tokens]), end)
-        if commit:
-            self.time[rows] = time + self.shift[tokens]
-            self.bars_started[rows] = started
-            self.end[rows] = end
-            self.note_start[rows] = np.where(is_note, time, np.nan)
-        return end
-
-    def feed(self, tokens: np.ndarray) -> None:
-        self.advance(slice(None), tokens)
-
-
-# ---------------------------------------------------------------------------------------------
 # the loop
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class PieceJob:
-    """One piece to generate: its index (seeds its generator), primer ids (>= 1) and tempo."""
+    """One piece to generate: its index (seeds its generator), primer ids (>= 1), tempo and time
+    signature (where the tokenizer's BAR tokens put the bar lines, for ``max_seconds``)."""
 
     index: int
     primer: np.ndarray
-    qpm: float = 120.0
+    qpm: float = DEFAULT_QPM
+    time_signature: tuple[int, int] = (4, 4)
 
 
 STOP_REASONS = ("", "eos", "max_tokens", "max_seconds")
@@ -350,19 +277,44 @@ class Limits:
         return self
 
 
+def _history(seq: np.ndarray, rows: np.ndarray, length: np.ndarray, window: int) -> np.ndarray:
+    """The last ``window`` tokens of each row (-1 before the first), for the repetition penalty."""
+    history = np.full((len(rows), window), -1, dtype=np.int64)
+    for h, r in enumerate(rows):
+        past = seq[r, max(0, length[r] - window):length[r]]
+        history[h, window - len(past):] = past
+    return history
+
+
+def _music_seconds(clocks: list | None, rows: np.ndarray, new: np.ndarray, qpm: np.ndarray) -> np.ndarray:
+    """Feed each row's new token to its clock; how long each row's music lasts now, in seconds."""
+    quarters = np.zeros(len(rows))
+    for k, (r, t) in enumerate(zip(rows.tolist(), new.tolist())):
+        clocks[r].feed(t)
+        quarters[k] = clocks[r].quarters()
+    return quarters_to_seconds(quarters, qpm[rows])
+
+
 def decode_batch(engine, jobs: list[PieceJob], settings: SamplingSettings, seed: int, limits: Limits,
-                 clock: TokenClock | None = None, on_step=None) -> list[PieceResult]:
-    """Generate the pieces of ``jobs`` together (one row each); results in ``jobs`` order."""
+                 tokenizer: Tokenizer | None = None, on_step=None) -> list[PieceResult]:
+    """Generate the pieces of ``jobs`` together (one row each); results in ``jobs`` order.
+
+    With ``limits.max_seconds``, each row reads its tokens (primer, then each sampled token) into
+    a clock of ``tokenizer`` (:meth:`~midiforge.music.tokenizers.Tokenizer.clock`, in the job's
+    time signature): a row stops at the token whose note makes the music last that long.
+    """
     n = len(jobs)
     if n == 0:
         return []
-    if limits.max_seconds is not None and clock is None:
-        raise MidiforgeError("--max-seconds needs a tokenizer with a music clock")
+    clocks = None
+    if limits.max_seconds is not None:
+        if tokenizer is None:
+            raise MidiforgeError("--max-seconds needs the tokenizer (its clock says how long the music lasts)")
+        clocks = [tokenizer.clock(j.time_signature).feed_all(j.primer) for j in jobs]
     primer_len = np.array([len(j.primer) for j in jobs], dtype=np.int64)
     if primer_len.min() < 1:
         raise ValueError("every primer needs at least one token (BOS)")
-    cap = int(primer_len.max()) + int(limits.max_tokens)
-    seq = np.zeros((n, cap), dtype=np.int32)
+    seq = np.zeros((n, int(primer_len.max()) + int(limits.max_tokens)), dtype=np.int32)
     for r, j in enumerate(jobs):
         seq[r, :len(j.primer)] = j.primer
     length = primer_len.copy()                       # tokens known per row
@@ -372,33 +324,20 @@ def decode_batch(engine, jobs: list[PieceJob], settings: SamplingSettings, seed:
     stop = np.zeros(n, dtype=np.int8)                # index into STOP_REASONS; 0: still going
     live = np.arange(n)                              # job rows still decoding, in engine row order
     engine.begin(n)
-    if clock is not None:
-        clock.begin(n)
     window = int(settings.repetition_window) if settings.repetition_penalty != 1.0 else 0
     while len(live):
-        tok = seq[live, fed[live]]
-        logits = engine.step(tok)
-        if clock is not None:
-            clock.feed(tok)
+        logits = engine.step(seq[live, fed[live]])
         fed[live] += 1
         ready = np.flatnonzero(fed[live] == length[live])   # live positions whose next token is chosen now
         if len(ready):
             rows = live[ready]
-            history = None
-            if window:
-                history = np.full((len(rows), window), -1, dtype=np.int64)
-                for h, r in enumerate(rows):
-                    past = seq[r, max(0, length[r] - window):length[r]]
-                    history[h, window - len(past):] = past
-            new = choose(logits[ready], settings, history=history,
+            new = choose(logits[ready], settings, history=_history(seq, rows, length, window) if window else None,
                          rngs=None if settings.greedy else [rngs[r] for r in rows])
             seq[rows, length[rows]] = new
             length[rows] += 1
             code = np.zeros(len(rows), dtype=np.int8)
-            if limits.max_seconds is not None:
-                # the sampled token counts too: where the music would end once it is played
-                end = clock.advance(ready, new, commit=False)
-                code[end * 60.0 / qpm[rows] >= limits.max_seconds] = 3
+            if clocks is not None:  # the sampled token counts too: where the music ends once it is played
+                code[_music_seconds(clocks, rows, new, qpm) >= limits.max_seconds] = 3
             code[length[rows] - primer_len[rows] >= limits.max_tokens] = 2
             code[new == EOS_ID] = 1
             stop[rows] = code
@@ -407,8 +346,6 @@ def decode_batch(engine, jobs: list[PieceJob], settings: SamplingSettings, seed:
                 keep[ready[code > 0]] = False
                 live = live[keep]
                 engine.keep(keep)
-                if clock is not None:
-                    clock.keep(keep)
         if on_step is not None:
             on_step(len(ready))
     return [PieceResult(j.index, seq[r, :length[r]].copy(), int(primer_len[r]), STOP_REASONS[stop[r]])
@@ -416,9 +353,9 @@ def decode_batch(engine, jobs: list[PieceJob], settings: SamplingSettings, seed:
 
 
 def decode(engine, jobs: list[PieceJob], settings: SamplingSettings, seed: int, limits: Limits,
-           batch_size: int, clock: TokenClock | None = None, on_step=None) -> list[PieceResult]:
-    """``jobs`` in consecutive batches of ``batch_size`` rows."""
+           batch_size: int, tokenizer: Tokenizer | None = None, on_step=None) -> list[PieceResult]:
+    """``jobs`` in consecutive batches of ``batch_size`` rows (``tokenizer``: for ``max_seconds``)."""
     out: list[PieceResult] = []
     for i in range(0, len(jobs), batch_size):
-        out.extend(decode_batch(engine, jobs[i:i + batch_size], settings, seed, limits, clock, on_step))
+        out.extend(decode_batch(engine, jobs[i:i + batch_size], settings, seed, limits, tokenizer, on_step))
     return out

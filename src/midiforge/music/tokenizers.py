@@ -1,6 +1,8 @@
 """Tokenizers: :class:`EventsTokenizer` (time-aware, the default) and :class:`ClassicTokenizer`
-(the Keras-tutorial encoding).  Both read a :class:`~midiforge.music.piece.Piece` and are
-fully described by their ``tokenizer.json`` (:meth:`to_json` / :func:`load_tokenizer`).
+(the Keras-tutorial encoding), both a :class:`Tokenizer`: they read a
+:class:`~midiforge.music.piece.Piece`, decode through their own :class:`Clock` (the decoding
+rules, read one id at a time) and are fully described by their ``tokenizer.json``
+(:meth:`Tokenizer.to_json` / :func:`load_tokenizer`).
 
 Ids 0..3 are always PAD, BOS, EOS, UNK.
 """
@@ -8,12 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
 from midiforge.errors import MidiforgeError
-from midiforge.music.piece import DRUM_PROGRAM, Piece, PieceBatch
+from midiforge.music.piece import DEFAULT_QPM, DRUM_PROGRAM, Piece, PieceBatch, quarters_to_seconds
 
 try:  # EventsTokenizer.encode_batch compiled (optional: the NumPy code does the same, slower)
     from midiforge.music import _events as _native
@@ -64,6 +67,129 @@ def _short_hash(obj) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# the interface
+# ---------------------------------------------------------------------------------------------
+class Clock(ABC):
+    """A tokenizer's decoding rules as a state machine read one token id at a time.
+
+    :meth:`Tokenizer.decode` is feeding every id to a clock that keeps its notes, so the time a
+    clock tells after some ids is ``decode(those ids).end()``, by construction: generation's
+    ``--max-seconds`` and decoding cannot disagree.  EOS ends the piece (later ids change nothing).
+    """
+
+    __slots__ = ()
+    done: bool = False
+
+    @abstractmethod
+    def feed(self, token: int) -> None:
+        """Read one more id."""
+
+    def feed_all(self, ids) -> "Clock":
+        for token in ids:
+            if self.done:
+                break
+            self.feed(int(token))
+        return self
+
+    @abstractmethod
+    def quarters(self) -> float:
+        """End of the last note so far, in quarters (0.0 before any note)."""
+
+    @property
+    @abstractmethod
+    def qpm(self) -> float:
+        """The tempo the ids so far state (the tokenizer's default without a tempo token)."""
+
+    def seconds(self, qpm: float | None = None) -> float:
+        """:meth:`quarters` in seconds at ``qpm`` (default: the tempo the ids state)."""
+        return float(quarters_to_seconds(self.quarters(), qpm or self.qpm))
+
+    @abstractmethod
+    def piece(self) -> Piece:
+        """The notes read so far as a piece (a clock made with ``keep_notes``)."""
+
+
+class Tokenizer(ABC):
+    """What every tokenizer offers; generate, primers and preprocess use only this.
+
+    ``vocab[i]`` is the text of id ``i``; ids 0..3 are always :data:`SPECIALS`.  A tokenizer is
+    fully described by its ``tokenizer.json`` (:meth:`to_json`; :func:`load_tokenizer` reads it).
+    """
+
+    kind: str = ""
+    vocab: list[str]
+    #: the vocabulary comes from the corpus, not from the settings: preprocess gathers every piece's
+    #: tokens as text (``encode_text``), builds the vocabulary (``with_vocab``), then the ids (``ids_of``)
+    vocab_from_data: bool = False
+
+    @property
+    @abstractmethod
+    def id(self) -> str:
+        """``<kind>-<hash of kind, settings and vocabulary>``: equal ids, equal token meanings."""
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    # -- encode -----------------------------------------------------------------------------
+    @abstractmethod
+    def encode(self, piece: Piece) -> np.ndarray:
+        """Token ids of ``piece``, BOS ... EOS, as int32."""
+
+    def encode_many(self, pieces: list[Piece]) -> list[np.ndarray]:
+        return [self.encode(p) for p in pieces]
+
+    def encode_batch(self, batch: PieceBatch) -> tuple[np.ndarray, np.ndarray]:
+        """The ids of every piece of ``batch`` one after the other (int32), and where each piece's
+        ids start: piece ``i`` is ``ids[offsets[i]:offsets[i + 1]]``."""
+        parts = self.encode_many(batch.pieces())
+        offsets = np.zeros(len(parts) + 1, dtype=np.int64)
+        np.cumsum([len(p) for p in parts], out=offsets[1:])
+        return (np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)), offsets
+
+    def encode_known(self, piece: Piece) -> tuple[np.ndarray, int]:
+        """Ids of ``piece`` (BOS ... EOS) with every token the vocabulary lacks replaced by the
+        nearest known one (dropped if there is none), and how many were replaced."""
+        return self.encode(piece), 0
+
+    def head(self, qpm: float | None = None) -> np.ndarray:
+        """The ids every piece starts with: BOS (and what states ``qpm``, if the tokenizer can)."""
+        return np.array([BOS_ID], dtype=np.int32)
+
+    def with_tempo(self, ids: np.ndarray, qpm: float) -> np.ndarray:
+        """``ids`` (starting with BOS) stating the tempo ``qpm``; unchanged if the tokenizer has no
+        tempo tokens."""
+        return ids
+
+    # -- decode -----------------------------------------------------------------------------
+    @abstractmethod
+    def clock(self, time_signature: tuple[int, int] = (4, 4), keep_notes: bool = False) -> Clock:
+        """A fresh :class:`Clock` (the decoding rules) for a piece in ``time_signature``."""
+
+    def decode(self, ids, time_signature: tuple[int, int] = (4, 4)) -> Piece:
+        """The piece of ``ids``; tolerant of ill-formed (generated) sequences; stops at EOS."""
+        return self.clock(time_signature, keep_notes=True).feed_all(ids).piece()
+
+    # -- tokenizer.json ---------------------------------------------------------------------
+    @abstractmethod
+    def config_dict(self) -> dict:
+        """The settings, as JSON values."""
+
+    @classmethod
+    @abstractmethod
+    def from_dict(cls, d: dict) -> "Tokenizer":
+        """The tokenizer of a parsed ``tokenizer.json`` of this kind."""
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "version": FORMAT_VERSION, "kind": self.kind, "id": self.id,
+                "config": self.config_dict(), "vocab": self.vocab,
+                "special": {"pad": PAD_ID, "bos": BOS_ID, "eos": EOS_ID, "unk": UNK_ID}}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
 # events
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -104,7 +230,11 @@ class QuantizedNotes:
         return (self.tempo, *(a.tolist() for a in (self.onset, self.duration, self.pitch, self.velocity, self.program)))
 
 
-class EventsTokenizer:
+# what an events id means to the decoder (EventsTokenizer.token_rules)
+_SKIP, _EOS, _BAR, _SHIFT, _TEMPO, _INSTRUMENT, _VELOCITY, _PITCH, _DURATION = range(9)
+
+
+class EventsTokenizer(Tokenizer):
     """Time-shift/pitch/duration events; the vocabulary depends on the settings only."""
 
     kind = "events"
@@ -136,13 +266,37 @@ class EventsTokenizer:
         self.duration_base = len(vocab) - 1  # id of DURATION_d is duration_base + d
         vocab += [f"DURATION_{d}" for d in range(1, c.max_duration_steps + 1)]
         self.vocab = vocab
-        self.id = f"events-{_short_hash({'kind': self.kind, 'config': asdict(c), 'vocab': vocab})}"
+        self._id = f"events-{_short_hash({'kind': self.kind, 'config': asdict(c), 'vocab': vocab})}"
         self._tempo_edges = np.geomspace(c.tempo_min, c.tempo_max, c.tempo_bins + 1) if c.tempo_bins else None
+        self.token_rules = self._token_rules()
+
+    @property
+    def id(self) -> str:
+        return self._id
+
+    def _token_rules(self) -> tuple[list[int], list[int]]:
+        """What each id means to the decoder: (rule, value) per id, e.g. (_SHIFT, steps)."""
+        c = self.config
+        rule, value = [_SKIP] * len(self.vocab), [0] * len(self.vocab)
+
+        def put(kind: int, first: int, values) -> None:
+            for k, v in enumerate(values):
+                rule[first + k], value[first + k] = kind, v
+
+        put(_EOS, EOS_ID, [0])
+        if self.bar_id >= 0:
+            put(_BAR, self.bar_id, [0])
+        put(_SHIFT, self.shift_base + 1, range(1, c.max_shift_steps + 1))
+        put(_TEMPO, self.tempo_base, range(c.tempo_bins))
+        for state, tok in enumerate(self.instrument_ids.tolist()):
+            if tok >= 0:
+                put(_INSTRUMENT, tok, [state])
+        put(_VELOCITY, self.velocity_base, range(c.velocity_bins))
+        put(_PITCH, self.pitch_base, range(128))
+        put(_DURATION, self.duration_base + 1, range(1, c.max_duration_steps + 1))
+        return rule, value
 
     # -- helpers ----------------------------------------------------------------------------
-    @property
-    def vocab_size(self) -> int:
-        return len(self.vocab)
 
     def velocity_bin(self, velocity: np.ndarray) -> np.ndarray:
         n = self.config.velocity_bins
@@ -163,7 +317,25 @@ class EventsTokenizer:
 
     def tempo_value(self, b: int) -> float:
         e = self._tempo_edges
-        return float(np.sqrt(e[b] * e[b + 1])) if e is not None and b >= 0 else 120.0
+        return float(np.sqrt(e[b] * e[b + 1])) if e is not None and b >= 0 else DEFAULT_QPM
+
+    def head(self, qpm: float | None = None) -> np.ndarray:
+        """``[BOS]``, plus ``TEMPO_i`` of ``qpm`` when there are tempo tokens."""
+        ids = [BOS_ID]
+        if qpm is not None and self.config.tempo_bins:
+            ids.append(self.tempo_base + self.tempo_bin(qpm))
+        return np.array(ids, dtype=np.int32)
+
+    def with_tempo(self, ids: np.ndarray, qpm: float) -> np.ndarray:
+        """``ids`` with its leading tempo token (after BOS) set to ``qpm``'s, or one inserted."""
+        if not self.config.tempo_bins or len(ids) == 0 or ids[0] != BOS_ID:
+            return ids
+        tempo = self.tempo_base + self.tempo_bin(qpm)
+        if len(ids) > 1 and self.tempo_base <= ids[1] < self.tempo_base + self.config.tempo_bins:
+            out = ids.copy()
+            out[1] = tempo
+            return out
+        return np.concatenate([ids[:1], [tempo], ids[1:]]).astype(np.int32)
 
     def bar_steps(self, time_signature: tuple[int, int]) -> int:
         """Grid steps in a bar of ``time_signature`` (numerator, denominator)."""
@@ -190,7 +362,6 @@ class EventsTokenizer:
         return QuantizedNotes(onset[order], dur[order], pitch[order], vel[order], prog[order], self.tempo_bin(piece.qpm))
 
     def encode(self, piece: Piece) -> np.ndarray:
-        """Token ids of ``piece``, BOS ... EOS, as int32."""
         return self.encode_many([piece])[0]
 
     #: notes per vectorized pass of encode_batch's NumPy path: enough to amortize NumPy's per-call cost,
@@ -350,71 +521,110 @@ class EventsTokenizer:
         return out, per_piece
 
     # -- decode -----------------------------------------------------------------------------
-    def decode_quantized(self, ids, bar_steps: int = 16) -> QuantizedNotes:
-        """Notes on the grid from token ids; tolerant of ill-formed (generated) sequences.
+    def clock(self, time_signature: tuple[int, int] = (4, 4), keep_notes: bool = False) -> "EventsClock":
+        return EventsClock(self, time_signature, keep_notes)
 
-        Stops at EOS; PAD/BOS/UNK are skipped; a PITCH not followed by a DURATION lasts one step.
-        """
-        c = self.config
-        t, prog, vel, tempo = 0, 0, 0, -1
-        if not c.programs and not c.drums:
-            prog = 0
-        started_bars = False
-        notes: list[tuple[int, int, int, int, int]] = []
-        ids = [int(i) for i in ids]
-        shift_hi = self.shift_base + c.max_shift_steps
-        tempo_hi = self.tempo_base + c.tempo_bins
-        vel_hi = self.velocity_base + c.velocity_bins
-        pitch_hi = self.pitch_base + 128
-        dur_hi = self.duration_base + c.max_duration_steps
-        ins_lookup = {int(tok): s for s, tok in enumerate(self.instrument_ids) if tok >= 0}
-        i, n = 0, len(ids)
-        while i < n:
-            tok = ids[i]
-            i += 1
-            if tok == EOS_ID:
-                break
-            if tok == self.bar_id:
-                t = (t // bar_steps + 1) * bar_steps if started_bars else 0
-                started_bars = True
-            elif self.shift_base < tok <= shift_hi:
-                t += tok - self.shift_base
-            elif self.tempo_base <= tok < tempo_hi:
-                tempo = tok - self.tempo_base
-            elif tok in ins_lookup:
-                prog = ins_lookup[tok]
-            elif self.velocity_base <= tok < vel_hi:
-                vel = tok - self.velocity_base
-            elif self.pitch_base <= tok < pitch_hi:
-                d = 1
-                if i < n and self.duration_base < ids[i] <= dur_hi:
-                    d = ids[i] - self.duration_base
-                    i += 1
-                notes.append((t, d, tok - self.pitch_base, vel, prog))
+    def decode_quantized(self, ids, time_signature: tuple[int, int] = (4, 4)) -> QuantizedNotes:
+        """Notes on the grid from token ids (the rules of :class:`EventsClock`)."""
+        return self.clock(time_signature, keep_notes=True).feed_all(ids).quantized()
+
+    # -- tokenizer.json ---------------------------------------------------------------------
+    def config_dict(self) -> dict:
+        return asdict(self.config)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EventsTokenizer":
+        tok = cls(EventsConfig(**d["config"]))
+        if tok.vocab != d["vocab"]:
+            raise MidiforgeError(f"tokenizer.json {d.get('id')}: vocabulary does not match its settings")
+        return tok
+
+
+class EventsClock(Clock):
+    """The events decoding rules, one id at a time, on the integer grid.
+
+    TIME_SHIFT_k moves the time k steps; BAR moves it to the next bar line of the time signature
+    (the first BAR is bar 0, at time 0); PROGRAM/DRUM and VELOCITY set the state of the notes
+    that follow; PITCH starts a note whose length is the DURATION right after it (one step if none
+    follows); PAD/BOS/UNK and misplaced tokens are skipped; EOS ends the piece.
+    """
+
+    __slots__ = ("tokenizer", "time_signature", "bar_steps", "spq", "rule", "value", "notes", "t", "program",
+                 "velocity", "tempo", "bars_started", "pending", "end", "done")
+
+    def __init__(self, tokenizer: EventsTokenizer, time_signature: tuple[int, int], keep_notes: bool) -> None:
+        self.tokenizer = tokenizer
+        self.time_signature = (int(time_signature[0]), int(time_signature[1]))
+        self.bar_steps = tokenizer.bar_steps(self.time_signature)
+        self.spq = tokenizer.config.steps_per_quarter
+        self.rule, self.value = tokenizer.token_rules
+        self.notes: list[tuple[int, int, int, int, int]] | None = [] if keep_notes else None
+        self.t = self.program = self.velocity = 0
+        self.tempo = -1
+        self.bars_started = self.done = False
+        self.pending: tuple[int, int] | None = None  # (onset, pitch) of a PITCH whose DURATION may follow
+        self.end = 0.0                                # quarters: end of the last finished note
+
+    def feed(self, token: int) -> None:
+        if self.done:
+            return
+        rule, value = (self.rule[token], self.value[token]) if 0 <= token < len(self.rule) else (_SKIP, 0)
+        if self.pending is not None:
+            onset, pitch = self.pending
+            self.pending = None
+            self._note(onset, value if rule == _DURATION else 1, pitch)
+            if rule == _DURATION:
+                return
+        if rule == _SHIFT:
+            self.t += value
+        elif rule == _PITCH:
+            self.pending = (self.t, value)
+        elif rule == _VELOCITY:
+            self.velocity = value
+        elif rule == _INSTRUMENT:
+            self.program = value
+        elif rule == _BAR:
+            self.t = (self.t // self.bar_steps + 1) * self.bar_steps if self.bars_started else 0
+            self.bars_started = True
+        elif rule == _TEMPO:
+            self.tempo = value
+        elif rule == _EOS:
+            self.done = True
+
+    def _note(self, onset: int, steps: int, pitch: int) -> None:
+        end = onset / self.spq + steps / self.spq  # as Piece.end() adds start and duration
+        if end > self.end:
+            self.end = end
+        if self.notes is not None:
+            self.notes.append((onset, steps, pitch, self.velocity, self.program))
+
+    def quarters(self) -> float:
+        if self.pending is None:
+            return self.end
+        return max(self.end, self.pending[0] / self.spq + 1 / self.spq)
+
+    @property
+    def qpm(self) -> float:
+        return self.tokenizer.tempo_value(self.tempo)
+
+    def quantized(self) -> QuantizedNotes:
+        """The notes so far in canonical order (a pending PITCH as a one-step note)."""
+        if self.notes is None:
+            raise ValueError("quantized(): a clock made without keep_notes")
+        notes = self.notes
+        if self.pending is not None:
+            notes = notes + [(self.pending[0], 1, self.pending[1], self.velocity, self.program)]
         arr = np.array(notes, dtype=np.int64).reshape(-1, 5)
-        order = np.lexsort((arr[:, 3], arr[:, 1], arr[:, 2], arr[:, 4], arr[:, 0]))
-        arr = arr[order]
-        return QuantizedNotes(arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3], arr[:, 4], tempo)
+        arr = arr[np.lexsort((arr[:, 3], arr[:, 1], arr[:, 2], arr[:, 4], arr[:, 0]))]
+        return QuantizedNotes(arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3], arr[:, 4], self.tempo)
 
-    def decode(self, ids, time_signature: tuple[int, int] = (4, 4)) -> Piece:
-        q = self.decode_quantized(ids, self.bar_steps(time_signature))
-        spq = self.config.steps_per_quarter
-        vel = np.array([self.velocity_value(int(b)) for b in q.velocity], dtype=np.int16)
-        qpm = self.tempo_value(q.tempo)
-        start = q.onset / spq
-        dur = q.duration / spq
-        end = float((start + dur).max()) if len(start) else 0.0
-        return Piece.from_columns(q.pitch, start, dur, vel, q.program, qpm=qpm,
-                                  time_signature=time_signature, seconds=end * 60.0 / qpm)
-
-    # -- serialization ----------------------------------------------------------------------
-    def to_dict(self) -> dict:
-        return {"format": FORMAT, "version": FORMAT_VERSION, "kind": self.kind, "id": self.id,
-                "config": asdict(self.config), "vocab": self.vocab,
-                "special": {"pad": PAD_ID, "bos": BOS_ID, "eos": EOS_ID, "unk": UNK_ID}}
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1) + "\n"
+    def piece(self) -> Piece:
+        q = self.quantized()
+        tok = self.tokenizer
+        vel = np.array([tok.velocity_value(int(b)) for b in q.velocity], dtype=np.int16)
+        start, dur = q.onset / self.spq, q.duration / self.spq
+        return Piece.from_columns(q.pitch, start, dur, vel, q.program, qpm=self.qpm, time_signature=self.time_signature,
+                                  seconds=self.seconds())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,8 +659,18 @@ class ClassicConfig:
     duration: float = 1.0            # decoding: music21's default note length in the tutorial
 
 
+def _classic_pitches(token: str) -> tuple[str, tuple[int, ...]] | None:
+    """("note", (midi,)) or ("chord", pitch classes) of a classic token; None if not musical."""
+    if token in _NAME_TO_MIDI:
+        return "note", (_NAME_TO_MIDI[token],)
+    try:
+        return "chord", tuple(int(p) % 12 for p in token.split("."))
+    except ValueError:
+        return None
+
+
 @dataclass
-class ClassicTokenizer:
+class ClassicTokenizer(Tokenizer):
     """Pitch names for single notes, dot-joined normal order for chords, one token per onset.
 
     The vocabulary comes from the data: :meth:`encode_text` gives strings; a global pass
@@ -460,18 +680,19 @@ class ClassicTokenizer:
     config: ClassicConfig = field(default_factory=ClassicConfig)
     vocab: list[str] = field(default_factory=lambda: list(SPECIALS))
     kind = "classic"
+    vocab_from_data = True
 
     def __post_init__(self) -> None:
         self.config = ClassicConfig(**{**asdict(self.config), "grid": tuple(self.config.grid)})
         self._index = {t: i for i, t in enumerate(self.vocab)}
+        self._parsed = [None if i < len(SPECIALS) else _classic_pitches(t) for i, t in enumerate(self.vocab)]
+        # what each id sounds as when decoded: a note's pitch, a chord's pitch classes in octave 4
+        self.pitches = [() if p is None else p[1] if p[0] == "note" else tuple(60 + pc for pc in p[1])
+                        for p in self._parsed]
 
     @property
     def id(self) -> str:
         return f"classic-{_short_hash({'kind': self.kind, 'config': asdict(self.config), 'vocab': self.vocab})}"
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.vocab)
 
     def with_vocab(self, tokens) -> "ClassicTokenizer":
         return ClassicTokenizer(self.config, list(SPECIALS) + sorted(set(tokens) - set(SPECIALS)))
@@ -510,50 +731,107 @@ class ClassicTokenizer:
     def encode(self, piece: Piece) -> np.ndarray:
         return self.ids_of(self.encode_text(piece))
 
-    def decode(self, ids, time_signature: tuple[int, int] = (4, 4)) -> Piece:
-        """The tutorial's decoding: one note or chord every ``step`` quarters; chords in octave 4."""
-        pitch, start = [], []
-        t = 0.0
-        for i in ids:
-            i = int(i)
-            if i == EOS_ID:
-                break
-            if i < len(SPECIALS) or i >= len(self.vocab):
-                continue
-            tok = self.vocab[i]
-            if tok in _NAME_TO_MIDI:
-                pitch.append(_NAME_TO_MIDI[tok])
-                start.append(t)
-            else:
-                for pc in tok.split("."):
-                    pitch.append(60 + int(pc))
-                    start.append(t)
-            t += self.config.step
-        n = len(pitch)
-        return Piece.from_columns(pitch, start, [self.config.duration] * n, [100] * n, [0] * n,
-                                  qpm=120.0, time_signature=time_signature,
-                                  seconds=(t + self.config.duration) * 0.5 if n else 0.0)
+    def nearest_known(self, token: str) -> int | None:
+        """Id of the known token closest to ``token``: for a note, the known note with the nearest
+        pitch (ties: the lower); for a chord, the known chord with the largest overlap of pitch
+        classes (Jaccard; ties: the lowest id).  When the vocabulary lacks that kind, a note is
+        matched to a chord holding its pitch class and a chord to the note nearest its lowest pitch
+        class in octave 4.  None when the vocabulary holds nothing musical."""
+        parsed = _classic_pitches(token)
+        if parsed is None:
+            return None
+        kind, pitches = parsed[0], set(parsed[1])
+        notes = [(i, p[1][0]) for i, p in enumerate(self._parsed) if p is not None and p[0] == "note"]
+        chords = [(i, set(p[1])) for i, p in enumerate(self._parsed) if p is not None and p[0] == "chord"]
+        if kind == "note" and not notes and chords:
+            kind, pitches = "chord", {next(iter(pitches)) % 12}
+        if kind == "chord" and not chords and notes:
+            kind, pitches = "note", {60 + min(pitches)}
+        if kind == "note" and notes:
+            m = next(iter(pitches))
+            return min(notes, key=lambda c: (abs(c[1] - m), c[1]))[0]
+        if kind == "chord" and chords:
+            return min(chords, key=lambda c: (-len(c[1] & pitches) / len(c[1] | pitches), c[0]))[0]
+        return None
 
-    def to_dict(self) -> dict:
-        return {"format": FORMAT, "version": FORMAT_VERSION, "kind": self.kind, "id": self.id,
-                "config": {**asdict(self.config), "grid": list(self.config.grid)}, "vocab": self.vocab,
-                "special": {"pad": PAD_ID, "bos": BOS_ID, "eos": EOS_ID, "unk": UNK_ID}}
+    def encode_known(self, piece: Piece) -> tuple[np.ndarray, int]:
+        ids, mapped = [BOS_ID], 0
+        for t in self.encode_text(piece):
+            i = self._index.get(t)
+            if i is None:
+                i = self.nearest_known(t)
+                mapped += 1
+                if i is None:
+                    continue
+            ids.append(i)
+        return np.array(ids + [EOS_ID], dtype=np.int32), mapped
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1) + "\n"
+    def clock(self, time_signature: tuple[int, int] = (4, 4), keep_notes: bool = False) -> "ClassicClock":
+        return ClassicClock(self, time_signature, keep_notes)
+
+    def config_dict(self) -> dict:
+        return {**asdict(self.config), "grid": list(self.config.grid)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ClassicTokenizer":
+        return cls(ClassicConfig(**{**d["config"], "grid": tuple(d["config"]["grid"])}), list(d["vocab"]))
 
 
-Tokenizer = EventsTokenizer | ClassicTokenizer
+class ClassicClock(Clock):
+    """The tutorial's decoding: each known musical id is a note or chord ``step`` quarters after the
+    previous one, every note ``duration`` long, chords in octave 4; other ids are skipped; EOS ends."""
+
+    __slots__ = ("tokenizer", "time_signature", "pitches", "step", "duration", "notes", "t", "end", "done")
+
+    def __init__(self, tokenizer: ClassicTokenizer, time_signature: tuple[int, int], keep_notes: bool) -> None:
+        self.tokenizer = tokenizer
+        self.time_signature = (int(time_signature[0]), int(time_signature[1]))
+        self.pitches = tokenizer.pitches
+        self.step, self.duration = tokenizer.config.step, tokenizer.config.duration
+        self.notes: list[tuple[int, float]] | None = [] if keep_notes else None
+        self.t = 0.0    # onset of the next note or chord
+        self.end = 0.0  # quarters: end of the last note
+        self.done = False
+
+    def feed(self, token: int) -> None:
+        if self.done:
+            return
+        if token == EOS_ID:
+            self.done = True
+            return
+        pitches = self.pitches[token] if 0 <= token < len(self.pitches) else ()
+        if not pitches:
+            return
+        if self.notes is not None:
+            self.notes.extend((p, self.t) for p in pitches)
+        self.end = max(self.end, self.t + self.duration)  # as Piece.end() adds start and duration
+        self.t += self.step
+
+    def quarters(self) -> float:
+        return self.end
+
+    @property
+    def qpm(self) -> float:
+        return DEFAULT_QPM
+
+    def piece(self) -> Piece:
+        if self.notes is None:
+            raise ValueError("piece(): a clock made without keep_notes")
+        n = len(self.notes)
+        pitch, start = [p for p, _ in self.notes], [t for _, t in self.notes]
+        return Piece.from_columns(pitch, start, [self.duration] * n, [100] * n, [0] * n, qpm=self.qpm,
+                                  time_signature=self.time_signature, seconds=self.seconds())
+
+
+_KINDS: dict[str, tuple[type[Tokenizer], type]] = {"events": (EventsTokenizer, EventsConfig),
+                                                   "classic": (ClassicTokenizer, ClassicConfig)}
 
 
 def make_tokenizer(kind: str, **settings) -> Tokenizer:
     """A tokenizer by name with settings (unknown settings are an error)."""
-    if kind == "events":
-        cls, cfg = EventsTokenizer, EventsConfig
-    elif kind == "classic":
-        cls, cfg = ClassicTokenizer, ClassicConfig
-    else:
-        raise MidiforgeError(f"unknown tokenizer {kind!r} (events or classic)")
+    if kind not in _KINDS:
+        raise MidiforgeError(f"unknown tokenizer {kind!r} ({' or '.join(_KINDS)})")
+    cls, cfg = _KINDS[kind]
     known = {f.name for f in fields(cfg)}
     bad = set(settings) - known
     if bad:
@@ -566,16 +844,9 @@ def load_tokenizer(source: str | bytes | dict) -> Tokenizer:
     d = source if isinstance(source, dict) else json.loads(source)
     if d.get("format") != FORMAT or d.get("version") != FORMAT_VERSION:
         raise MidiforgeError("not a midiforge tokenizer.json (format/version missing or newer)")
-    if d["kind"] == "events":
-        tok: Tokenizer = EventsTokenizer(EventsConfig(**d["config"]))
-        if tok.vocab != d["vocab"]:
-            raise MidiforgeError(f"tokenizer.json {d.get('id')}: vocabulary does not match its settings")
-    elif d["kind"] == "classic":
-        cfg = dict(d["config"])
-        cfg["grid"] = tuple(cfg["grid"])
-        tok = ClassicTokenizer(ClassicConfig(**cfg), list(d["vocab"]))
-    else:
+    if d.get("kind") not in _KINDS:
         raise MidiforgeError(f"unknown tokenizer kind {d.get('kind')!r}")
+    tok = _KINDS[d["kind"]][0].from_dict(d)
     if d.get("id") and d["id"] != tok.id:
         raise MidiforgeError(f"tokenizer.json: id {d['id']} does not match its content ({tok.id})")
     return tok

@@ -87,7 +87,7 @@ def _tokens_match(tokenizer, tokens: np.ndarray, piece) -> bool:
     """Whether ``tokens`` are ``tokenizer``'s tokens of ``piece`` (decoding them gives its notes)."""
     try:
         mine = tokenizer.quantize(piece) if hasattr(tokenizer, "quantize") else None
-        theirs = tokenizer.decode_quantized(tokens, tokenizer.bar_steps(piece.time_signature)) \
+        theirs = tokenizer.decode_quantized(tokens, piece.time_signature) \
             if hasattr(tokenizer, "decode_quantized") else None
     except Exception:  # a foreign id that this tokenizer cannot decode
         return False
@@ -273,7 +273,7 @@ def piece_values(piece, tokens) -> dict[str, float]:
     length, period = M.repeat_stretch(content)
     return {**M.piece_metrics(piece), "longest_repeat": float(length), "repeat_period": float(period),
             "distinct_4gram_ratio": M.distinct_4gram_ratio(content), "n_notes": float(len(piece)),
-            "seconds": float(piece.end() * 60.0 / piece.qpm) if len(piece) else 0.0}
+            "seconds": piece.end_seconds()}
 
 
 def set_values(ps: PieceSet) -> list[dict[str, float]]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from midiforge.errors import MidiforgeError, PieceError
-from midiforge.model.decode import Limits, PieceJob, TokenClock, decode
+from midiforge.model.decode import Limits, PieceJob, decode
 from midiforge.model.sampling import PRIMER_STREAM, SamplingSettings, check_seed, piece_rng
 from midiforge.storage import StorageOptions, open_store, split_uri, write_manifest
 
@@ -174,7 +174,7 @@ class PrimerPlan:
 
     def for_piece(self, tokenizer, index: int, qpm_setting: float | None, qpm_median: float | None):
         """(primer ids, qpm, time signature, primer source) of piece ``index``."""
-        from midiforge.music.primer import encode_primer, set_tempo, start_primer
+        from midiforge.music.primer import encode_primer, start_primer
 
         if self.kind == "shards":
             ids, row_qpm, source = self.windows(index)
@@ -184,7 +184,7 @@ class PrimerPlan:
             qpm = float(qpm_setting or self.qpm or qpm_median or 120.0)
             key = (tokenizer.id, qpm)
             if key not in self._encoded:
-                self._encoded[key] = set_tempo(tokenizer, encode_primer(tokenizer, self.piece, qpm)[0], qpm)
+                self._encoded[key] = encode_primer(tokenizer, self.piece, qpm)[0]
             return self._encoded[key].copy(), qpm, self.time_signature, self.source
         qpm = float(qpm_setting or qpm_median or 120.0)
         return start_primer(tokenizer, qpm), qpm, (4, 4), ""
@@ -297,8 +297,7 @@ class GenerateWorker:
                 eng = KerasLSTM(m.bundle, batch_size)
             else:
                 eng = NumpyLSTM(m.weights, dtype=np.dtype(settings.precision))
-            clock = TokenClock(tok) if settings.limits.max_seconds is not None else None
-            self.models[m.label] = (m, tok, eng, clock)
+            self.models[m.label] = (m, tok, eng)
 
     def peak_rss(self) -> int:
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
@@ -311,16 +310,17 @@ class GenerateWorker:
         from midiforge.storage import file_entry, map_parallel
 
         started = time.perf_counter()
-        spec, tok, eng, clock = self.models[label]
+        spec, tok, eng = self.models[label]
         s = self.settings
-        jobs = [PieceJob(i, p[0], p[1]) for i, p in zip(indices, primers)]
-        results = decode(eng, jobs, s.sampling, self.seed, s.limits, self.batch_size, clock)
+        jobs = [PieceJob(i, p[0], p[1], tuple(p[2])) for i, p in zip(indices, primers)]
+        results = decode(eng, jobs, s.sampling, self.seed, s.limits, self.batch_size, tok)
         decoded_at = time.perf_counter()
         rows: dict[str, list] = {k: [] for k in pieces.COLUMNS}
         writes: list[tuple[str, bytes]] = []
         for res, (_ids, qpm, ts, source) in zip(results, primers):
             piece = tok.decode(res.tokens, time_signature=tuple(ts))
-            piece = dataclasses.replace(piece, qpm=qpm, seconds=piece.end() * 60.0 / qpm)
+            piece = dataclasses.replace(piece, qpm=qpm)
+            piece = dataclasses.replace(piece, seconds=piece.end_seconds())
             midi = piece_to_midi(piece, qpm)
             m_rel = pieces.midi_rel(label, self.seed, res.index) if s.midi_files else None
             m_entry = file_entry(m_rel or "", midi)

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 from midiforge.errors import MidiforgeError
 from midiforge.music.piece import PieceBatch
 from midiforge.music.readers import SUFFIXES, ReadOptions, read_pieces, split_units
-from midiforge.music.tokenizers import ClassicTokenizer, EventsConfig, make_tokenizer
+from midiforge.music.tokenizers import EventsConfig, make_tokenizer
 from midiforge.storage import (
     StorageOptions, StorageUnavailableError, file_entry, map_parallel, open_store, read_manifest, split_uri, write_manifest,
 )
@@ -144,7 +144,7 @@ def process_batch(part: int, inputs: list[InputRef], dest_uri: str, storage: Sto
     started = time.perf_counter()
     dest = open_store(dest_uri, storage)
     tok = settings.make_tokenizer()
-    classic = isinstance(tok, ClassicTokenizer)
+    classic = tok.vocab_from_data
     stores: dict[str, object] = {}
     # the journal, in input order: (input, source, piece_id, status, reason, detail); a unit to read
     # is entered with status None and gets its outcome after the parse
@@ -618,7 +618,7 @@ def finalize(dest, settings: PreprocessSettings, *, src_count: int, started: flo
     known_journals = known_journals or {}
     dest.delete("manifest.json")  # whatever happens below, no manifest may name an object being rewritten
     tok = settings.make_tokenizer()
-    classic = isinstance(tok, ClassicTokenizer)
+    classic = tok.vocab_from_data
     journals = _journal_parts(dest)
     logs = {p: known_journals[p] if p in known_journals else _read_journal(dest, rel) for p, rel in journals.items()}
     if expected_inputs:  # every input of the run has its outcome (a piece, a duplicate or a failure) somewhere

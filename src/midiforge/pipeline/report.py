@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from midiforge.errors import MidiforgeError
+from midiforge.music.piece import quarters_to_seconds
 
 #: where SoundFonts live on common systems, the first that exists is used
 SOUNDFONT_PLACES = (
@@ -187,7 +188,7 @@ def piano_roll_png(piece, path: Path, *, width: float = 9.0, height: float = 2.8
     fig, ax = plt.subplots(figsize=(width, height), dpi=dpi)
     try:
         pitched = ~piece.is_drum
-        sec = 60.0 / float(piece.qpm or 120.0)
+        sec = float(quarters_to_seconds(1.0, piece.qpm))  # seconds a quarter
         if pitched.any():
             pitch = piece.pitch[pitched].astype(np.int64)
             start = piece.start[pitched] * sec
@@ -481,7 +482,7 @@ def build_report(run_dir: str | None, *, out: str | None = None, tokens: str | N
 
 def _piece_seconds(piece) -> float:
     """The piece's length in seconds (at its tempo)."""
-    return float(piece.end() * 60.0 / float(piece.qpm or 120.0)) if len(piece) else 0.0
+    return piece.end_seconds()
 
 
 # -------------------------------------------------------------------------------------------
