@@ -31,7 +31,12 @@ here; tf_keras can).
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import re
+import sys
+import tempfile
 from dataclasses import asdict, dataclass, field
 
 from midiforge.errors import MidiforgeError
@@ -42,10 +47,55 @@ MODEL_FORMAT_VERSION = 1
 OUTPUT_KIND = "logits"
 
 
+#: TensorFlow's start-up lines for a user who did nothing wrong (no GPU, oneDNN on, CUDA plugins
+#: registered twice): written by its C++ logging straight to file descriptor 2 before Python's logging
+#: exists, whatever TF_CPP_MIN_LOG_LEVEL says (TF 2.21).  They go to the debug log instead.
+_TF_STARTUP_NOISE = re.compile(
+    r"absl::InitializeLog|oneDNN custom operations|TF_ENABLE_ONEDNN_OPTS|Could not find cuda drivers|cuInit|"
+    r"Unable to register cu(DNN|FFT|BLAS) factory|computation placer already registered|TF-TRT Warning|"
+    r"This TensorFlow binary is optimized|rebuild TensorFlow with the appropriate compiler flags|"
+    r"cuda_(platform|executor|diagnostics)\.cc|cudart_stub\.cc")
+
+
+@contextlib.contextmanager
+def _tf_startup_quiet():
+    """File descriptor 2 into a temporary file while TensorFlow starts; its known start-up lines are
+    logged at debug level, anything else is written back to stderr.  ``MIDIFORGE_TF_LOGS=1`` shows all."""
+    if os.environ.get("MIDIFORGE_TF_LOGS", "") not in ("", "0"):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as tmp:
+            os.dup2(tmp.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+                tmp.seek(0)
+                log = logging.getLogger("midiforge.tensorflow")
+                for line in tmp.read().decode("utf-8", "replace").splitlines():
+                    if _TF_STARTUP_NOISE.search(line):
+                        log.debug("%s", line)
+                    elif line.strip():
+                        print(line, file=sys.stderr)
+    finally:
+        os.close(saved)
+
+
 def tf_keras():
-    """``(tensorflow, tf_keras)``, imported with ``TF_USE_LEGACY_KERAS=1`` set beforehand."""
+    """``(tensorflow, tf_keras)``, imported with ``TF_USE_LEGACY_KERAS=1`` set beforehand; TensorFlow's
+    start-up messages (and the CUDA probe of its first device query) go to the debug log."""
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if "tf_keras" not in sys.modules:
+        with _tf_startup_quiet():
+            import tensorflow as tf
+            import tf_keras  # noqa: F401
+
+            tf.config.list_physical_devices()  # the CUDA probe, which logs "failed call to cuInit" without a GPU
     import tensorflow as tf
     import tf_keras as keras
 
