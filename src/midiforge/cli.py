@@ -26,12 +26,24 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def build_parser(available: dict[str, object]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="midiforge", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"midiforge {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module in available.items():
         _, help_text = COMMANDS[name]
         p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip())
         module.add_arguments(p)
     return parser
+
+
+def version() -> str:
+    """The installed distribution's version (pyproject.toml's), else "unknown" (a bare source tree)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("midiforge")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _modules() -> dict[str, object]:
