@@ -115,6 +115,7 @@ def test_sigterm_to_one_of_two_workers_stops_both_after_a_backup_and_the_rerun_i
     with Workers(tmp_path, "attempt2") as w:   # the very same command again
         codes = w.start_tf_config(argv).wait(300)
         assert codes == [0, 0], w.log(0)[-3000:]
+        assert "continuing from the backup in" in w.log(0)
     _check_resumed_exactly(out, epochs, stopped)
 
 

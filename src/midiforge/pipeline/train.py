@@ -824,7 +824,7 @@ def _run_training(settings: TrainSettings | dict, membership: str | None, keep_m
         weights_vec = D.class_weights(counts, s.class_weighting, s.class_weight_max)
 
     # ---- backups: every worker prepares its view before anyone writes ----
-    backup_dir, mirrored = (None, False)
+    backup_dir, mirrored, has_backup = (None, False, False)
     if s.backup_every != "off":
         backup_dir, mirrored = backup_location(s, store, rank)
         if mirrored:
@@ -833,6 +833,10 @@ def _run_training(settings: TrainSettings | dict, membership: str | None, keep_m
                 download_backup(store, backup_dir)
         elif plan.fresh and is_chief:
             shutil.rmtree(os.path.join(backup_dir, "chief"), ignore_errors=True)  # stale state of a removed run
+        has_backup = not plan.fresh and os.path.exists(os.path.join(backup_dir, "chief", "checkpoint"))
+        if has_backup:
+            log(f"continuing from the backup in {store.url(BACKUP_PREFIX) if mirrored else backup_dir} "
+                f"(the epoch and step where the last run stopped)")
 
     # ---- model ----
     with strategy.scope():
@@ -847,7 +851,8 @@ def _run_training(settings: TrainSettings | dict, membership: str | None, keep_m
         w = store.read_verified(f"{ck}/{WEIGHTS}", entries[WEIGHTS])
         o = store.read_verified(f"{ck}/{OPTIMIZER}", entries[OPTIMIZER]) if OPTIMIZER in entries else None
         T.restore_state(model, w, o, store.url(ck))
-        log(f"continuing from {store.url(ck)} (epoch {plan.initial_epoch})")
+        if not has_backup:
+            log(f"continuing from {store.url(ck)} (epoch {plan.initial_epoch})")
     T.barrier(strategy)  # nobody writes before every worker has read MODEL_DIR
 
     tb_local = (str(store.path("tensorboard")) if isinstance(store, LocalStore) else
