@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,9 +26,18 @@ FUZZ = ROOT / "benchmarks" / "fuzz_readers.py"
 
 def _fuzz(tmp_path, *args: str, env=None, timeout=500) -> tuple[int, dict, str]:
     corpus("ff"), corpus("nottingham")  # skip when the shared corpora are absent
-    out = subprocess.run([sys.executable, str(FUZZ), "--save", str(tmp_path / "saved"), *args], capture_output=True,
-                         text=True, timeout=timeout, cwd=tmp_path, env={**os.environ, **(env or {})})
-    return out.returncode, json.loads(out.stdout), out.stderr
+    proc = subprocess.Popen([sys.executable, str(FUZZ), "--save", str(tmp_path / "saved"), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            env={**os.environ, **(env or {})}, start_new_session=True)
+    try:  # the fuzzer and its worker share a process group: stopped together, whatever happens
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    return proc.returncode, json.loads(out), err
 
 
 @pytest.mark.timeout(600)

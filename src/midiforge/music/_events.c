@@ -83,7 +83,8 @@ static int format_is(const char *fmt, const char *chars) {
  *   caller then takes the NumPy path, which handles those.  Every argument is checked before
  *   anything is written: TypeError for a buffer of the wrong item type, ValueError for sizes,
  *   offsets or rules that do not agree, and for a start or duration that is not finite (NaN, inf).
- *   per_piece is written once, at the end, from a private copy (it may share memory with an input). */
+ *   The offsets are copied before they are checked; per_piece is written once, at the end, from a
+ *   private copy (it may share memory with an input). */
 static PyObject *encode(PyObject *self, PyObject *args) {
     PyObject *o[8], *grid_t, *rule_t, *per_o;
     if (!PyArg_ParseTuple(args, "OOOOOOOOOOO", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &grid_t,
@@ -142,7 +143,12 @@ static PyObject *encode(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "encode: inconsistent arguments (grid or rule out of range)");
         ok = 0;
     }
-    const int64_t *off = ok ? v[0].buf : NULL;
+    /* the offsets, copied: the loops below trust them, and with the GIL released another thread
+     * could change the caller's array; per_piece (written at the end) gets room here too */
+    int64_t *own = ok ? PyMem_Malloc(sizeof(int64_t) * (2 * (size_t)n_pieces + 1)) : NULL;
+    if (ok && !own) { PyErr_NoMemory(); ok = 0; }
+    if (ok) memcpy(own, v[0].buf, sizeof(int64_t) * ((size_t)n_pieces + 1));
+    const int64_t *off = own;
     if (ok && (off[0] != 0 || off[n_pieces] != n_notes)) { PyErr_SetString(PyExc_ValueError, "encode: bad offsets"); ok = 0; }
     for (Py_ssize_t p = 0; ok && p < n_pieces; p++)
         if (off[p + 1] < off[p]) { PyErr_SetString(PyExc_ValueError, "encode: offsets decrease"); ok = 0; }
@@ -152,9 +158,9 @@ static PyObject *encode(PyObject *self, PyObject *args) {
             PyErr_Format(PyExc_ValueError, "encode: note %zd: its start or duration is not finite (NaN or inf)", i);
             ok = 0;
         }
-    int64_t *per_piece = NULL;
-    if (ok && !(per_piece = PyMem_Malloc(sizeof(int64_t) * (n_pieces > 0 ? n_pieces : 1)))) { PyErr_NoMemory(); ok = 0; }
+    int64_t *per_piece = own ? own + n_pieces + 1 : NULL;
     if (!ok) {
+        PyMem_Free(own);
         for (int k = 0; k < 10; k++) if (v[k].obj) PyBuffer_Release(&v[k]);
         return NULL;
     }
@@ -238,7 +244,7 @@ done:;
     Py_END_ALLOW_THREADS
     PyMem_RawFree(keys);
     if (code == 0 && n_pieces) memcpy(v[9].buf, per_piece, sizeof(int64_t) * n_pieces);
-    PyMem_Free(per_piece);
+    PyMem_Free(own);
     for (int k = 0; k < 10; k++) PyBuffer_Release(&v[k]);
     if (code == -1) { PyMem_RawFree(out.buf); return PyErr_NoMemory(); }
     if (code == 1) { PyMem_RawFree(out.buf); Py_RETURN_NONE; }
