@@ -150,3 +150,47 @@ def test_scancel_of_a_running_job_stops_every_ray_process(slurm, model_dir, tmp_
     state, out = _finish(c, job, timeout=120)
     assert state == "CANCELLED", out[-3000:]
     assert not (dest / "manifest.json").exists()
+
+
+def test_a_job_that_reaches_its_time_limit_stops_its_cluster(slurm, model_dir, tmp_path):
+    c = slurm
+    dest = tmp_path / "pieces"
+    job = _submit(c, tmp_path, "generate.sbatch", [str(model_dir), str(dest), "--num-pieces", "100000", "--seed", "2",
+                                                   "--max-tokens", "512", "--no-midi-files"], extra=["--time=1"])
+    state, out = _finish(c, job, timeout=400)  # Slurm's granularity: the limit passes within ~30 s after a minute
+    assert state == "TIMEOUT", out[-3000:]
+    assert "Ray cluster stopped" in out or "SIGTERM" in out, out[-3000:]
+    assert not (dest / "manifest.json").exists()
+
+
+def test_pipeline_sh_submits_the_three_stages_as_one_chain(slurm, tmp_path):
+    c = slurm
+    out_dir = tmp_path / "run"
+    env = {**_env(), "PREPROCESS_ARGS": "--sample 16",
+           "TRAIN_ARGS": "--epochs 1 --steps-per-epoch 2 --validation-steps 1 --batch-size 8 --seq-len 32 "
+                         "--lstm-units 16 --embedding-dim 8",
+           "GENERATE_ARGS": "--seed 1 --max-tokens 32 --no-midi-files",
+           "SBATCH_ARGS": f"--output={tmp_path}/%x-%j.out", "GENERATE_NODES": "2"}
+    r = c.run(["bash", str(REPO / "slurm" / "pipeline.sh"), str(corpus("ff")), str(out_dir), "--num-pieces", "4"],
+              env=env, cwd=str(tmp_path), timeout=120)
+    ids = [int(x) for x in r.stdout.strip().splitlines()[-1].split()]
+    assert len(ids) == 3, r.stdout
+    info = c.job_info(ids[1])
+    assert f"afterok:{ids[0]}" in info.get("Dependency", "") or c.state(ids[1]) != "PENDING", info
+    states = [c.wait(j, timeout=900) for j in ids]
+    outputs = "\n".join(c.output(j)[-2000:] for j in ids)
+    assert states == ["COMPLETED"] * 3, outputs
+    assert json.loads((out_dir / "tokens" / "manifest.json").read_text())["inputs"] == 16
+    assert (out_dir / "model" / "manifest.json").exists()
+    assert json.loads((out_dir / "pieces" / "manifest.json").read_text())["pieces"] == 4
+    assert c.wait_no_leftovers(60) == []
+
+
+def test_a_failed_stage_cancels_the_rest_of_the_chain(slurm, tmp_path):
+    c = slurm
+    env = {**_env(), "SBATCH_ARGS": f"--output={tmp_path}/%x-%j.out"}
+    r = c.run(["bash", str(REPO / "slurm" / "pipeline.sh"), str(tmp_path / "no-such-corpus"), str(tmp_path / "run"),
+               "--num-pieces", "4"], env=env, cwd=str(tmp_path), timeout=120)
+    ids = [int(x) for x in r.stdout.strip().splitlines()[-1].split()]
+    assert c.wait(ids[0], timeout=300) == "FAILED"
+    assert [c.wait(j, timeout=120) for j in ids[1:]] == ["CANCELLED", "CANCELLED"]
