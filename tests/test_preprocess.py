@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -93,8 +94,9 @@ def test_every_input_is_accounted_for(tmp_path, ray_local):
     assert m["inputs"] == m["pieces"] + m["duplicates"] + m["failures"]
     assert m["pieces"] == 4 and m["duplicates"] == 2
     timing, phases = m["timing"], ("listing", "setup", "ray_start", "batches", "finalize")
-    assert set(timing) == {*phases, "batch_busy", "batch_count"}
+    assert set(timing) == {*phases, "batch_busy", "batch_count", "batch_hosts"}
     assert timing["batch_count"] == -(-m["input_files"] // 3) and 0 < timing["batch_busy"]
+    assert timing["batch_hosts"] == {socket.gethostname(): timing["batch_count"]}  # one machine: every batch here
     assert 0 < sum(timing[k] for k in phases) <= m["seconds"] + 0.01
     failures = dict(_failures(dest))
     assert failures == {k: v for k, v in expected.items() if v not in ("piece", "duplicate")}
