@@ -385,7 +385,11 @@ def main(args: argparse.Namespace) -> int:
     except TrainingStopped as stop:
         print(f"midiforge train: {stop}; run the same command again to continue "
               f"(exit {STOP_EXIT_CODE})", file=sys.stderr, flush=True)
-        return STOP_EXIT_CODE
+        sys.stdout.flush()
+        # Everything is written and every worker has passed the stop barrier: leave now.  TensorFlow's
+        # teardown (servers, coordination service) takes seconds, and under Slurm srun kills the tasks
+        # KillWait seconds after a SIGTERM.
+        os._exit(STOP_EXIT_CODE)
     if result.get("is_chief", True):
         print(json.dumps({k: result[k] for k in SUMMARY_KEYS if k in result}))
     return 0
