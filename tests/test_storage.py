@@ -5,6 +5,7 @@ import io
 import json
 import os
 import pickle
+import time
 
 import pytest
 
@@ -283,10 +284,11 @@ def test_errors_name_the_object_never_the_credentials(s3_server, monkeypatch):
     missing_bucket = open_store("s3://mf-does-not-exist-0/x", s3_server.options())
     with pytest.raises(StorageUnavailableError, match="no such bucket"):
         missing_bucket.write_bytes("a", b"1")
-    # a dead endpoint: the standard retry mode gives up after max_attempts
+    # a dead endpoint: given up after the retry budget (1 s here)
     from conftest import _free_port
 
-    dead = open_store("s3://bucket-x/y", StorageOptions(endpoint_url=f"http://127.0.0.1:{_free_port()}", max_attempts=2))
+    dead = open_store("s3://bucket-x/y", StorageOptions(endpoint_url=f"http://127.0.0.1:{_free_port()}", max_attempts=2,
+                                                       retry_seconds=1))
     with pytest.raises(StorageUnavailableError) as dead_exc:  # the job must stop, not blame one file
         dead.read_bytes("k")
     assert "cannot reach the S3 endpoint" in str(dead_exc.value) and "s3://bucket-x/y/k" in str(dead_exc.value)
@@ -324,3 +326,120 @@ def test_checksum_when_required_and_env_endpoint(s3_server, monkeypatch, capsys)
         open_store(store.uri, StorageOptions(checksum="always"))
     with pytest.raises(SystemExit):
         cli_main(["verify", store.uri, "--s3-max-attempts", "0"])
+
+
+# -- outages: every operation retries an unreachable endpoint for up to retry_seconds ------------------
+
+def _wait_down(s3_server, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while s3_server.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not s3_server.running, "the outage did not start"
+
+
+def test_s3_operations_ride_out_an_outage_and_say_so_once(s3_server, capfd):
+    store = open_store(s3_server.new_bucket() + "/o", s3_server.options(retry_seconds=30))
+    store.write_bytes("a.bin", b"alpha")
+    capfd.readouterr()
+    outage = s3_server.outage(3.0)
+    try:
+        _wait_down(s3_server)
+        started = time.monotonic()
+        assert store.read_bytes("a.bin") == b"alpha"   # waits for the endpoint, then reads
+        ended = time.monotonic()
+        store.write_bytes("b.bin", b"beta")
+        assert [o.path for o in store.list()] == ["a.bin", "b.bin"]
+    finally:
+        outage.join(timeout=60)
+    assert s3_server.running
+    assert started < outage.restarted_at < ended, "the read did not wait through the outage"
+    err = capfd.readouterr().err
+    waiting = [line for line in err.splitlines() if "retrying for up to 30 s" in line]
+    assert len(waiting) == 1, err  # one line per waiting period, not one per retry
+    assert waiting[0].startswith(f"s3: endpoint {s3_server.endpoint_url} unreachable") and store.url("a.bin") in waiting[0]
+    assert "answers again" in err
+    assert s3_server.secret_key not in err and s3_server.access_key not in err
+
+
+def test_s3_budget_shorter_than_the_outage_fails_clearly_naming_the_object(s3_server, capfd):
+    store = open_store(s3_server.new_bucket() + "/o", s3_server.options(retry_seconds=1.5, max_attempts=2))
+    store.write_bytes("a.bin", b"alpha")
+    outage = s3_server.outage(6.0)
+    try:
+        _wait_down(s3_server)
+        started = time.monotonic()
+        with pytest.raises(StorageUnavailableError) as exc:
+            store.read_bytes("a.bin")
+        took = time.monotonic() - started
+    finally:
+        outage.join(timeout=60)
+    message = str(exc.value)
+    assert "\n" not in message and message.startswith(store.url("a.bin") + ": read failed: cannot reach the S3 endpoint")
+    assert "after retrying for 1.5 s" in message, message
+    assert 1.5 <= took, took  # it did wait its budget (an upper bound would be a timing assert)
+    assert "retrying for up to 1.5 s" in capfd.readouterr().err
+    assert store.read_bytes("a.bin") == b"alpha"  # the endpoint is back: the same store works again
+
+
+def test_s3_multipart_upload_across_an_outage_is_all_or_nothing(s3_server, tmp_path):
+    """A multipart upload cut by an outage starts over: the object appears once, whole; with a budget
+    shorter than the outage it never appears."""
+    options = s3_server.options(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB, max_concurrency=1,
+                                retry_seconds=30)
+    store = open_store(s3_server.new_bucket() + "/mp", options)
+    payload = os.urandom(12 * MiB)
+    client = s3_server.client()
+    # the outage starts after CreateMultipartUpload and one part
+    outage = s3_server.outage(3.0, after_requests=2)
+    try:
+        store.write_bytes("big.bin", payload)
+    finally:
+        outage.join(timeout=60)
+    assert outage.stopped_at is not None and s3_server.running
+    head = client.head_object(Bucket=store.bucket, Key=store.key("big.bin"))
+    assert head["ContentLength"] == len(payload) and head["ETag"].strip('"').endswith("-3")
+    assert store.read_bytes("big.bin") == payload
+    # the same from a file object (rewound for the new upload), then a download across an outage
+    outage = s3_server.outage(3.0, after_requests=2)
+    try:
+        store.upload_fileobj(io.BytesIO(payload[::-1]), "rev.bin")
+    finally:
+        outage.join(timeout=60)
+    assert store.read_bytes("rev.bin") == payload[::-1]
+    outage = s3_server.outage(3.0, after_requests=1)
+    try:
+        store.get_file_verified("rev.bin", tmp_path / "rev.bin", file_entry("rev.bin", payload[::-1]))
+    finally:
+        outage.join(timeout=60)
+
+    short = open_store(store.uri, s3_server.options(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB,
+                                                    max_concurrency=1, retry_seconds=1, max_attempts=2))
+    outage = s3_server.outage(6.0, after_requests=2)
+    try:
+        with pytest.raises(StorageUnavailableError) as exc:
+            short.write_bytes("never.bin", payload)
+    finally:
+        outage.join(timeout=60)
+    assert str(exc.value).startswith(short.url("never.bin") + ": write failed: cannot reach the S3 endpoint"), exc.value
+    assert not short.exists("never.bin"), "half an upload became visible"
+    assert [o.path for o in short.list()] == ["big.bin", "rev.bin"]
+
+
+def test_retry_seconds_flag_and_environment(monkeypatch):
+    import argparse
+
+    from midiforge.storage.cli_options import add_storage_arguments, options_from_args
+
+    parser = argparse.ArgumentParser()
+    add_storage_arguments(parser)
+    assert options_from_args(parser.parse_args([])).retry_seconds == 120
+    monkeypatch.setenv("MIDIFORGE_S3_RETRY_SECONDS", "7.5")
+    assert options_from_args(parser.parse_args([])).retry_seconds == 7.5
+    assert options_from_args(parser.parse_args(["--s3-retry-seconds", "0"])).retry_seconds == 0
+    monkeypatch.setenv("MIDIFORGE_S3_RETRY_SECONDS", "soon")
+    with pytest.raises(MidiforgeError, match="MIDIFORGE_S3_RETRY_SECONDS"):
+        options_from_args(parser.parse_args([]))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--s3-retry-seconds", "-1"])
+    with pytest.raises(MidiforgeError, match="retry seconds"):
+        open_store("s3://bucket-x/y", StorageOptions(retry_seconds=-1))

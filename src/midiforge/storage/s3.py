@@ -7,12 +7,18 @@
   signature.
 * The endpoint is ``StorageOptions.endpoint_url``, else ``AWS_ENDPOINT_URL_S3`` /
   ``AWS_ENDPOINT_URL``, else AWS itself.
-* botocore's ``standard`` retry mode with ``StorageOptions.max_attempts``; the boto3 1.36+
-  default request checksums (which some S3-compatible servers reject) can be switched to
-  ``when_required`` with ``StorageOptions.checksum``.
+* botocore's ``standard`` retry mode with ``StorageOptions.max_attempts`` per request (it also
+  handles throttling); around that, every store operation is retried while the endpoint is
+  unreachable, cuts connections or answers 5xx, with exponential backoff and jitter, for up to
+  ``StorageOptions.retry_seconds`` (``--s3-retry-seconds``, default 120 s): a short outage costs
+  a wait, not a multi-hour job.  One line on stderr says when a process starts waiting
+  (``s3: endpoint ... unreachable ..., retrying for up to N s ...``) and one when the endpoint
+  answers again.  The boto3 1.36+ default request checksums (which some S3-compatible servers
+  reject) can be switched to ``when_required`` with ``StorageOptions.checksum``.
 * Large objects go through boto3's managed transfers (multipart, parallel parts).  An S3
   object becomes visible only when its PUT or CompleteMultipartUpload succeeds, so writes
-  are all-or-nothing; failed multipart uploads are aborted.
+  are all-or-nothing; failed multipart uploads are aborted, and a retried upload starts over
+  (from the start of the data) as a new upload.
 * The boto3 client is built lazily, once per process, and is never pickled: a store
   travels to Ray workers as its URI and options only.
 """
@@ -23,11 +29,10 @@ import ipaddress
 import os
 import random
 import re
+import sys
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import urlsplit
 
 from midiforge.errors import MidiforgeError
@@ -153,6 +158,53 @@ _JOB_WIDE_CODES = {
 }
 
 
+_TRANSIENT_CODES = {
+    "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "ServiceUnavailable", "InternalError",
+    "500", "502", "503", "504",
+}
+_TRANSIENT_TEXT = ("Could not connect", "Connection was closed", "Read timeout", "Connect timeout",
+                   "Connection aborted", "Connection reset")
+#: the longest single wait between two tries of an operation (the backoff doubles up to this)
+MAX_BACKOFF = 8.0
+_jitter = random.Random()  # its own generator: never touches the global random state of a stage
+
+
+def _code_status(exc) -> tuple[str, int]:
+    response = exc.response if isinstance(getattr(exc, "response", None), dict) else {}
+    status = (response.get("ResponseMetadata", {}) or {}).get("HTTPStatusCode", 0)
+    return str((response.get("Error", {}) or {}).get("Code", "")), status if isinstance(status, int) else 0
+
+
+def _transient(exc: BaseException) -> bool:
+    """True for a failure that waiting can cure: the endpoint unreachable, a connection cut or timed
+    out, a 5xx or throttling answer (after botocore's own retries)."""
+    from boto3.exceptions import RetriesExceededError, S3UploadFailedError
+    from botocore.exceptions import (
+        ClientError,
+        ConnectionError as BotoConnectionError,
+        HTTPClientError,
+        IncompleteReadError,
+    )
+
+    if isinstance(exc, ClientError):
+        code, status = _code_status(exc)
+        return code in _TRANSIENT_CODES or status >= 500
+    if isinstance(exc, (BotoConnectionError, HTTPClientError, IncompleteReadError, RetriesExceededError,
+                        ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, S3UploadFailedError):  # boto3 flattens the cause into the message
+        text = str(exc)
+        return any(f"({code})" in text for code in _TRANSIENT_CODES) or any(t in text for t in _TRANSIENT_TEXT)
+    return False
+
+
+class _Waiting:
+    """Process-wide: when this process started waiting for the endpoint (None: it is not waiting)."""
+
+    lock = threading.Lock()
+    since: float | None = None
+
+
 def _job_wide(exc: BaseException) -> bool:
     """True for failures of the service or the credentials (after retries), not of one object."""
     from boto3.exceptions import RetriesExceededError, S3UploadFailedError
@@ -174,7 +226,7 @@ def _job_wide(exc: BaseException) -> bool:
         return True
     if isinstance(exc, S3UploadFailedError):  # boto3 flattens the cause into the message
         return any(f"({code})" in str(exc) for code in _JOB_WIDE_CODES) or "Could not connect" in str(exc)
-    return False
+    return isinstance(exc, (ConnectionError, TimeoutError))  # a socket error that got past botocore
 
 
 def check_options(options: StorageOptions) -> None:
@@ -182,6 +234,12 @@ def check_options(options: StorageOptions) -> None:
         raise MidiforgeError(f"S3 checksum mode {options.checksum!r}: use one of {', '.join(CHECKSUM_MODES)}")
     if int(options.max_attempts) < 1:
         raise MidiforgeError(f"S3 max attempts {options.max_attempts}: must be at least 1")
+    try:
+        retry_seconds = float(options.retry_seconds)
+    except (TypeError, ValueError):
+        retry_seconds = float("nan")
+    if not retry_seconds >= 0 or retry_seconds == float("inf"):
+        raise MidiforgeError(f"S3 retry seconds {options.retry_seconds!r}: must be a number of seconds >= 0")
     if int(options.max_concurrency) < 1:
         raise MidiforgeError(f"S3 max concurrency {options.max_concurrency}: must be at least 1")
 
@@ -261,22 +319,79 @@ class S3Store(VerifiedReads):
             preferred_transfer_client="classic",
         )
 
-    # -- errors ---------------------------------------------------------------------------
-    @contextmanager
-    def _errors(self, what: str, rel: str) -> Iterator[None]:
+    # -- errors and retries ---------------------------------------------------------------
+    def _retrying(self, what: str, rel: str, fn, retry: bool = True):
+        """``fn()``, tried again while the endpoint is unreachable or answers 5xx, with exponential backoff
+        and jitter, for up to ``options.retry_seconds`` from the first failure; any failure that leaves is a
+        MidiforgeError naming the object (:class:`StorageUnavailableError` when it concerns the whole job)."""
+        budget = float(self.options.retry_seconds) if retry else 0.0
+        deadline = None
+        delay = 0.5
+        while True:
+            try:
+                result = fn()
+            except MidiforgeError:
+                raise
+            except Exception as exc:
+                if budget > 0 and _transient(exc):
+                    now = time.monotonic()
+                    deadline = deadline if deadline is not None else now + budget
+                    if now < deadline:
+                        self._note_waiting(what, rel, exc, budget)
+                        time.sleep(min(deadline - now, _jitter.uniform(delay / 2, delay)))
+                        delay = min(2 * delay, MAX_BACKOFF)
+                        continue
+                    with _Waiting.lock:  # gave up: a later outage is announced again
+                        _Waiting.since = None
+                translated = self._translate(exc, what, rel, waited=budget if deadline is not None else 0.0)
+                if translated is None:
+                    raise
+                raise translated from None
+            if _Waiting.since is not None:
+                self._note_recovered()
+            return result
+
+    def _note_waiting(self, what: str, rel: str, exc: BaseException, budget: float) -> None:
+        """One line on stderr when this process starts waiting (not one per operation or retry)."""
+        with _Waiting.lock:
+            if _Waiting.since is not None:
+                return
+            _Waiting.since = time.monotonic()
+        from botocore.exceptions import ClientError
+
+        where = self.endpoint_url or "AWS S3"
+        if isinstance(exc, ClientError):
+            code, status = _code_status(exc)
+            state = f"unavailable ({code or status})"
+        else:
+            state = f"unreachable ({type(exc).__name__})"
+        line = (f"s3: endpoint {where} {state} on {what} {self.url(rel)}, retrying for up to {budget:g} s "
+                f"(--s3-retry-seconds) ...")
+        print(redact(line, self._secrets), file=sys.stderr, flush=True)
+
+    def _note_recovered(self) -> None:
+        with _Waiting.lock:
+            since, _Waiting.since = _Waiting.since, None
+        if since is not None:
+            where = self.endpoint_url or "AWS S3"
+            print(f"s3: endpoint {where} answers again (waited {time.monotonic() - since:.0f} s)",
+                  file=sys.stderr, flush=True)
+
+    def _translate(self, exc: BaseException, what: str, rel: str, waited: float = 0.0) -> MidiforgeError | None:
+        """The MidiforgeError naming the object for a boto/OS failure (None: not a storage failure)."""
         from boto3.exceptions import Boto3Error
         from botocore.exceptions import BotoCoreError, ClientError
 
-        try:
-            yield
-        except MidiforgeError:
-            raise
-        except ClientError as exc:
-            cls = StorageUnavailableError if _job_wide(exc) else MidiforgeError
-            raise cls(f"{self.url(rel)}: {what} failed: {self._client_reason(exc)}") from None
-        except (BotoCoreError, Boto3Error, OSError) as exc:
-            cls = StorageUnavailableError if _job_wide(exc) else MidiforgeError
-            raise cls(f"{self.url(rel)}: {what} failed: {self._other_reason(exc)}") from None
+        cls = StorageUnavailableError if _job_wide(exc) else MidiforgeError
+        if isinstance(exc, ClientError):
+            reason = self._client_reason(exc)
+        elif isinstance(exc, (BotoCoreError, Boto3Error, OSError)):
+            reason = self._other_reason(exc, waited)
+        else:
+            return None
+        if waited and isinstance(exc, ClientError):
+            reason += f" (still failing after retrying for {waited:g} s; --s3-retry-seconds waits longer)"
+        return cls(f"{self.url(rel)}: {what} failed: {reason}")
 
     def _client_reason(self, exc) -> str:
         err = exc.response.get("Error", {}) if isinstance(exc.response, dict) else {}
@@ -298,7 +413,7 @@ class S3Store(VerifiedReads):
             reason += f" (after {retries} retries)"
         return redact(reason, self._secrets)
 
-    def _other_reason(self, exc) -> str:
+    def _other_reason(self, exc, waited: float = 0.0) -> str:
         from botocore.exceptions import (
             ConnectionError as BotoConnectionError,
             NoCredentialsError,
@@ -309,69 +424,75 @@ class S3Store(VerifiedReads):
             reason = f"no usable AWS credentials ({type(exc).__name__}); {_CREDENTIALS_HELP}"
         elif isinstance(exc, BotoConnectionError):
             where = self.endpoint_url or "AWS S3"
-            reason = (f"cannot reach the S3 endpoint {where} after {self.options.max_attempts} attempts "
-                      f"({type(exc).__name__}); is the server up and the endpoint right?")
+            tried = (f"after retrying for {waited:g} s (--s3-retry-seconds)" if waited
+                     else f"after {self.options.max_attempts} attempts")
+            reason = (f"cannot reach the S3 endpoint {where} {tried} ({type(exc).__name__}); "
+                      "is the server up and the endpoint right?")
         else:
             detail = str(exc)
             # boto3 wraps ClientErrors of managed transfers into S3UploadFailedError & co.
             if "An error occurred (" in detail:
                 detail = detail[detail.index("An error occurred ("):]
             reason = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+            if waited:
+                reason += f" (still failing after retrying for {waited:g} s; --s3-retry-seconds waits longer)"
         return redact(reason, self._secrets)
 
     # -- the Store protocol -----------------------------------------------------------------
     def read_bytes(self, rel: str) -> bytes:
-        from botocore.exceptions import (
-            ConnectionClosedError,
-            IncompleteReadError,
-            ReadTimeoutError,
-            ResponseStreamingError,
-        )
-
         key = self.key(rel)
-        attempts = max(1, int(self.options.max_attempts))
-        for attempt in range(1, attempts + 1):
-            with self._errors("read", rel):
-                response = self.client.get_object(Bucket=self.bucket, Key=key)
-                try:
-                    return response["Body"].read()
-                except (ResponseStreamingError, IncompleteReadError, ReadTimeoutError, ConnectionClosedError):
-                    # the request succeeded but the body broke off: botocore does not retry that
-                    if attempt == attempts:
-                        raise
-                time.sleep(min(20.0, random.random() * 2 ** attempt))
-        raise AssertionError("unreachable")
+
+        def read() -> bytes:  # a body that breaks off (not retried by botocore) is read again from the start
+            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+
+        return self._retrying("read", rel, read)
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         data = bytes(data)
-        with self._errors("write", rel):
+        key = self.key(rel)
+
+        def write() -> None:
             if len(data) >= int(self.options.multipart_threshold):
-                self.client.upload_fileobj(io.BytesIO(data), self.bucket, self.key(rel), Config=self._transfer_config())
+                self.client.upload_fileobj(io.BytesIO(data), self.bucket, key, Config=self._transfer_config())
             else:
-                self.client.put_object(Bucket=self.bucket, Key=self.key(rel), Body=data)
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=data)
+
+        self._retrying("write", rel, write)
 
     def upload_fileobj(self, fileobj, rel: str) -> None:
-        """Upload a readable binary file object (multipart when large); all-or-nothing."""
-        with self._errors("upload", rel):
-            self.client.upload_fileobj(fileobj, self.bucket, self.key(rel), Config=self._transfer_config())
+        """Upload a readable binary file object (multipart when large); all-or-nothing.  A seekable one is
+        uploaded again from where it started when the endpoint goes away; another one is not retried."""
+        key = self.key(rel)
+        start = fileobj.tell() if getattr(fileobj, "seekable", lambda: False)() else None
+
+        def upload() -> None:
+            if start is not None:
+                fileobj.seek(start)
+            self.client.upload_fileobj(fileobj, self.bucket, key, Config=self._transfer_config())
+
+        self._retrying("upload", rel, upload, retry=start is not None)
 
     def exists(self, rel: str) -> bool:
         from botocore.exceptions import ClientError
 
-        with self._errors("exists", rel):
+        key = self.key(rel)
+
+        def head() -> bool:
             try:
-                self.client.head_object(Bucket=self.bucket, Key=self.key(rel))
+                self.client.head_object(Bucket=self.bucket, Key=key)
                 return True
             except ClientError as exc:
-                code = str(exc.response.get("Error", {}).get("Code", ""))
-                if code in ("404", "NoSuchKey", "NotFound"):
+                if _code_status(exc)[0] in ("404", "NoSuchKey", "NotFound"):
                     return False
                 raise
 
+        return self._retrying("exists", rel, head)
+
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         rel_prefix = check_rel(prefix) if prefix else ""
-        out: list[ObjectInfo] = []
-        with self._errors("list", rel_prefix):
+
+        def listing() -> list[ObjectInfo]:  # a listing cut short is started again
+            out: list[ObjectInfo] = []
             paginator = self.client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + rel_prefix,
                                            PaginationConfig={"PageSize": self.list_page_size}):
@@ -383,20 +504,24 @@ class S3Store(VerifiedReads):
                             and not rel.startswith(rel_prefix + "/"):
                         continue  # same semantics as LocalStore: a prefix names a file or a directory
                     out.append(ObjectInfo(rel, int(obj["Size"])))
-        return sorted(out, key=lambda o: o.path)
+            return out
+
+        return sorted(self._retrying("list", rel_prefix, listing), key=lambda o: o.path)
 
     def delete(self, rel: str) -> None:
-        with self._errors("delete", rel):
-            self.client.delete_object(Bucket=self.bucket, Key=self.key(rel))
+        key = self.key(rel)
+        self._retrying("delete", rel, lambda: self.client.delete_object(Bucket=self.bucket, Key=key))
 
     def put_file(self, local_path: str | os.PathLike, rel: str) -> None:
         if not Path(local_path).is_file():
             raise MidiforgeError(f"{local_path}: no such file to upload to {self.url(rel)}")
-        with self._errors("upload", rel):
-            self.client.upload_file(str(local_path), self.bucket, self.key(rel), Config=self._transfer_config())
+        key = self.key(rel)
+        self._retrying("upload", rel, lambda: self.client.upload_file(
+            str(local_path), self.bucket, key, Config=self._transfer_config()))
 
     def get_file(self, rel: str, local_path: str | os.PathLike) -> None:
         # s3transfer downloads into a temporary name and renames it: no half-written file.
         Path(local_path).parent.mkdir(parents=True, exist_ok=True)
-        with self._errors("download", rel):
-            self.client.download_file(self.bucket, self.key(rel), str(local_path), Config=self._transfer_config())
+        key = self.key(rel)
+        self._retrying("download", rel, lambda: self.client.download_file(
+            self.bucket, key, str(local_path), Config=self._transfer_config()))

@@ -35,7 +35,8 @@ class StorageOptions:
     """How to reach object storage; plain values, so it travels to Ray workers."""
 
     endpoint_url: str | None = None      # default: AWS_ENDPOINT_URL, else AWS
-    max_attempts: int = 8                # boto3 "standard" retry mode attempts
+    max_attempts: int = 8                # boto3 "standard" retry mode attempts (per request)
+    retry_seconds: float = 120.0         # how long an operation keeps retrying an unreachable/5xx endpoint
     checksum: str = "when_supported"     # or "when_required" for stores that reject 1.36+ checksums
     multipart_threshold: int = 16 * 1024 * 1024
     multipart_chunksize: int = 16 * 1024 * 1024
