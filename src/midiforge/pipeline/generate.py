@@ -18,6 +18,7 @@ import os
 import resource
 import secrets
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -580,6 +581,32 @@ def _run_ray(args, tasks, with_primers, bar, stats, *, n: int, gpus: float, cpus
             ray.kill(a)
 
 
+def identical_pieces(small) -> dict[str, int]:
+    """Per checkpoint: how many pieces have the same MIDI file (same sha256) as an earlier piece."""
+    out: dict[str, int] = {}
+    if small is None:
+        return out
+    seen: set[tuple[str, str]] = set()
+    for label, sha in zip(small["checkpoint"].to_pylist(), small["midi_sha256"].to_pylist()):
+        out.setdefault(label, 0)
+        if (label, sha) in seen:
+            out[label] += 1
+        seen.add((label, sha))
+    return out
+
+
+def same_pieces_warning(settings: GenerateSettings, num_pieces: int) -> str | None:
+    """Why every piece would be the same, when the settings make it so (said before generating)."""
+    s = settings.sampling
+    deterministic = "--greedy" if s.greedy else "--top-k 1" if s.top_k == 1 else None
+    if deterministic is None or num_pieces < 2 or settings.primer == "shards":
+        return None
+    start = "the same primer (--primer-midi)" if settings.primer == "midi" else "BOS and the tempo token (no primer)"
+    return (f"{deterministic} always takes the most likely token and every piece starts from {start}: all "
+            f"{num_pieces} pieces will be the same; sample instead (without {deterministic}, e.g. --temperature 0.9 "
+            f"--top-p 0.95) or give each piece its own primer with --primer-shards DIR")
+
+
 def finalize(dest, models: list[ModelSpec], settings: GenerateSettings, seed: int, num_pieces: int, *,
              model_dir: str, engine: str, started: float, run_stats: dict, primer_mapped: int = 0,
              known: dict | None = None) -> dict:
@@ -599,6 +626,7 @@ def finalize(dest, models: list[ModelSpec], settings: GenerateSettings, seed: in
     stops: dict[str, int] = {}
     for reason in (small["stop_reason"].to_pylist() if small is not None else []):
         stops[reason] = stops.get(reason, 0) + 1
+    identical = identical_pieces(small)
     elapsed = time.time() - started
     gen_tokens = int(run_stats["tokens"])
     gen_seconds = float(run_stats["generate_seconds"])
@@ -611,6 +639,7 @@ def finalize(dest, models: list[ModelSpec], settings: GenerateSettings, seed: in
         "pieces": n_pieces,
         "tokens": int(np.sum(small["generated_tokens"].to_numpy())) if small is not None else 0,
         "stop_reasons": stops,
+        "identical_pieces": identical,
         "settings": settings.to_dict(),
         "engine": engine,
         "primer_tokens_mapped": primer_mapped,
@@ -720,6 +749,9 @@ def main(args) -> int:
     from midiforge.pipeline.slurm_ray import run_with_cluster
 
     settings = settings_from_args(args)
+    warning = same_pieces_warning(settings, args.num_pieces)
+    if warning:
+        print(f"midiforge generate: warning: {warning}", file=sys.stderr)
     manifest = run_with_cluster(args.cluster, args.address, lambda address: run_generate(
         args.model_dir, args.dest, args.num_pieces, settings, seed=args.seed, checkpoint=args.checkpoint,
         batch_size=args.batch_size, workers=args.workers, address=address,
@@ -727,5 +759,9 @@ def main(args) -> int:
         storage=options_from_args(args), progress=not args.no_progress))
     print(json.dumps({k: manifest[k] for k in ("pieces", "tokens", "seed", "stop_reasons", "seconds",
                                                "tokens_per_second")}))
+    for label, n in (manifest.get("identical_pieces") or {}).items():
+        if n:
+            print(f"midiforge generate: warning: {n} of the {label} pieces are identical to an earlier piece (the "
+                  f"same MIDI file){': ' + warning if warning else ''}", file=sys.stderr)
     print(f"pieces: {open_store(args.dest, options_from_args(args)).url('midi/' if settings.midi_files else 'pieces/')}")
     return 0

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 
 from midiforge.errors import MidiforgeError
 from midiforge.music.piece import PieceBatch
-from midiforge.music.readers import SUFFIXES, ReadOptions, read_pieces, split_units
+from midiforge.music.readers import SUFFIXES, ReadOptions, file_format, read_pieces, split_units
 from midiforge.music.tokenizers import EventsConfig, make_tokenizer
 from midiforge.storage import (
     StorageOptions, StorageUnavailableError, file_entry, map_parallel, open_store, read_manifest, split_uri, write_manifest,
@@ -134,12 +134,13 @@ def _piece_table_path(part: int, classic: bool) -> str:
 
 
 def process_batch(part: int, inputs: list[InputRef], dest_uri: str, storage: StorageOptions,
-                  settings: PreprocessSettings) -> dict:
+                  settings: PreprocessSettings, progress=None) -> dict:
     """Read, parse and tokenize ``inputs``; write their rows and their journal; return a summary.
 
     Three passes over the batch: the bytes of every unit (and its sha256, so that an identical copy
     in the batch is read once); every unit parsed at once (:func:`read_pieces`); every row (a piece,
-    and its transpositions in the train split) tokenized at once.
+    and its transpositions in the train split) tokenized at once.  ``progress``: a :class:`_ProgressBoard`
+    actor that hears how far the parse is, after every unit music21 reads (about a second each).
     """
     started = time.perf_counter()
     dest = open_store(dest_uri, storage)
@@ -175,7 +176,7 @@ def process_batch(part: int, inputs: list[InputRef], dest_uri: str, storage: Sto
                 units.append((src, unit))
                 unit_entry.append(len(entries) - 1)
 
-    batch, errors = read_pieces(units, settings.read)
+    batch, errors = _read_units(units, settings.read, part, progress)
     good = [u for u, e in enumerate(errors) if e is None]  # the unit of each piece of the batch
     if len(errors) != len(units) or len(batch) != len(good):  # a reader bug: never pair pieces with wrong sources
         raise MidiforgeError(f"batch {part}: the reader returned {len(batch)} pieces and {len(errors)} outcomes "
@@ -228,6 +229,47 @@ def process_batch(part: int, inputs: list[InputRef], dest_uri: str, storage: Sto
         "table": piece_table, "journal": journal, "seconds": time.perf_counter() - started,
         "host": socket.gethostname(),  # where the batch ran (the manifest's timing.batch_hosts)
     }
+
+
+def _is_fast(source: str, options: ReadOptions) -> bool:
+    """A unit read in one pass with the whole batch (symusic MIDI: microseconds); the others (music21) take ~1 s."""
+    return options.parser == "symusic" and file_format(source.split("#", 1)[0]) == "midi"
+
+
+def _read_units(units: list[tuple[str, bytes]], options: ReadOptions, part: int, progress) -> tuple[PieceBatch, list]:
+    """:func:`read_pieces` of ``units``; with ``progress``, the slow units one by one, each followed by the
+    fraction of the batch's units read so far on the board (the MIDI files of the batch together, first)."""
+    slow = [i for i, (src, _data) in enumerate(units) if not _is_fast(src, options)]
+    if progress is None or not slow:
+        return read_pieces(units, options)
+    fast = [i for i in range(len(units)) if i not in set(slow)]
+    chunks = ([fast] if fast else []) + [[i] for i in slow]
+    batches, order, errors = [], [], [None] * len(units)
+    done = 0
+    for chunk in chunks:
+        b, errs = read_pieces([units[i] for i in chunk], options)
+        batches.append(b)
+        for i, e in zip(chunk, errs):
+            errors[i] = e
+            if e is None:
+                order.append(i)  # read_pieces keeps the order of its input units
+        done += len(chunk)
+        progress.set.remote(part, done / len(units))
+    batch = PieceBatch.concat(batches)
+    return batch.take(np.argsort(order, kind="stable")), errors
+
+
+class _ProgressBoard:
+    """A Ray actor: the fraction of each running batch's units parsed, for the driver's progress bar."""
+
+    def __init__(self) -> None:
+        self.fractions: dict[int, float] = {}
+
+    def set(self, part: int, fraction: float) -> None:
+        self.fractions[part] = fraction
+
+    def get(self) -> dict[int, float]:
+        return dict(self.fractions)
 
 
 @functools.lru_cache(maxsize=8)
@@ -391,9 +433,11 @@ def _pack(inputs: list[InputRef]) -> tuple[list[str], list[tuple[str, int, str]]
     return list(roots), rows
 
 
-def _process_packed(part: int, packed, dest_uri: str, storage: StorageOptions, settings: PreprocessSettings) -> dict:
+def _process_packed(part: int, packed, dest_uri: str, storage: StorageOptions, settings: PreprocessSettings,
+                    progress=None) -> dict:
     roots, rows = packed
-    return process_batch(part, [InputRef(src, roots[i], key) for src, i, key in rows], dest_uri, storage, settings)
+    return process_batch(part, [InputRef(src, roots[i], key) for src, i, key in rows], dest_uri, storage, settings,
+                         progress)
 
 
 # a batch's journal: {column of JOURNAL_SCHEMA: values}, as JSON (a Parquet file costs ~1 ms of its own
@@ -499,16 +543,29 @@ def run_preprocess(src: str, dest_uri: str, settings: PreprocessSettings, *, res
         place = _Placement.of_cluster(ray, workers if workers < cpus else 2 * cpus) if nodes > 1 else None
         pending, results = [], []
         bar = _progress(len(refs), len(refs) - len(todo), progress)
+        # music21's formats take ~1 s a unit: then the bar moves per file or tune, not per batch
+        board = None
+        if progress and bar.disable is False and any(not _is_fast(r.source, settings.read) for r in todo):
+            board = ray.remote(num_cpus=0)(_ProgressBoard).remote()
+        running: dict = {}  # ref -> (part, files)
+        files_done = float(bar.n)
         failures = 0
         queue = list(enumerate(batches, start=first))
         while queue or pending:
             while queue and (place.has_room() if place else len(pending) < in_flight):
                 part, batch = queue.pop(0)
                 t = task.options(scheduling_strategy=place.strategy()) if place else task
-                pending.append(t.remote(part, _pack(batch), dest.uri, storage, settings))
+                pending.append(t.remote(part, _pack(batch), dest.uri, storage, settings, board))
+                running[pending[-1]] = (part, len(batch))
                 if place:
                     place.started(pending[-1])
-            ready, pending = ray.wait(pending, num_returns=1)
+            ready, pending = ray.wait(pending, num_returns=1, timeout=0.5 if board is not None else None)
+            if not ready:  # the units parsed so far in the running batches
+                fractions = ray.get(board.get.remote())
+                bar.n = round(files_done + sum(min(fractions.get(p, 0.0), 0.95) * n for p, n in running.values()), 1)
+                bar.refresh()
+                continue
+            running.pop(ready[0], None)
             if place:
                 place.done(ready[0])
             try:
@@ -521,9 +578,13 @@ def run_preprocess(src: str, dest_uri: str, settings: PreprocessSettings, *, res
                 raise
             results.append(res)
             failures += res["failures"]
-            bar.update(res["files"])
+            files_done += res["files"]
+            bar.update(files_done - bar.n)
             bar.set_postfix(failures=failures, refresh=False)
+        bar.refresh()
         bar.close()
+        if board is not None:
+            ray.kill(board)
         known = {r["part"]: r["table"] for r in results if r["table"] is not None}
         known_journals = {**earlier, **{r["part"]: r["journal"] for r in results}}
         clock.lap("batches")
