@@ -325,17 +325,21 @@ def _window(rng, n: int, dtype, kind: str):
     return _pick(rng, [None, 3, "x", b"\0" * (n * dtype.itemsize), [0] * n, bytearray(n * dtype.itemsize)]), (lambda: True)
 
 
-def _states(rng, seeds, k: int) -> list:
+def _states(rng, seeds, k: int) -> tuple[list, list]:
+    """k state buffers of symusic Scores of seed files, and the Scores."""
     import symusic
 
-    out = []
+    states, scores = [], []
     for _ in range(k):
         name, data = seeds[int(rng.integers(len(seeds)))]
         try:
-            out.append(symusic.Score.from_midi(data).__getstate__())
+            score = symusic.Score.from_midi(data)
+            states.append(score.__getstate__())
         except Exception:
-            out.append(b"")
-    return out
+            score = None
+            states.append(b"")
+        scores.append(score)
+    return states, scores
 
 
 def _mutate_state(rng, buf: bytes) -> bytes:
@@ -380,13 +384,12 @@ def _api_scan_fill(rng, seeds, midi, api) -> None:
     from midiforge.music import readers
 
     k = int(rng.integers(0, 6))
-    states = _states(rng, seeds, k)
+    states, scores = _states(rng, seeds, k)
     hostile = rng.random() < 0.5
     if hostile and states:
         for j in range(len(states)):
             if rng.random() < 0.5:
                 states[j] = _mutate_state(rng, states[j])
-    good_states = list(states)
     arg_states = states
     if rng.random() < 0.1:  # not a list of bytes
         arg_states = _pick(rng, [tuple(states), [bytearray(s) for s in states] or [bytearray(1)],
@@ -433,20 +436,17 @@ def _api_scan_fill(rng, seeds, midi, api) -> None:
         api["guard_violations"] += 1
         return
     if not hostile and not tampered and all(k == "ok" for k in kinds) and meta_kind == "ok" and arg_states is states:
-        _compare_fill(good_states, first_only, meta, outs, api)
+        _compare_fill(scores, first_only, meta, outs, api)
 
 
-def _compare_fill(states, first_only, meta, outs, api) -> None:
+def _compare_fill(scores, first_only, meta, outs, api) -> None:
     """A clean scan + fill against symusic's own .numpy() of the same Scores."""
-    import symusic
-
     from midiforge.music import readers
 
     ok_rows = np.flatnonzero(meta[:, readers._M_STATUS] == readers._OK)
     start = 0
     for j in ok_rows.tolist():
-        score = symusic.Score(1)
-        score.__setstate__(states[j])
+        score = scores[j]
         n = int(meta[j, readers._M_KEPT])
         options = readers.ReadOptions(tracks="first" if first_only else "all", max_notes=10**9)
         f = readers._file_of(score, int(score.ticks_per_quarter), options)
@@ -456,6 +456,7 @@ def _compare_fill(states, first_only, meta, outs, api) -> None:
                 or outs[0][0][start: start + n].tolist() != (time_ * (1.0 / f.tpq)).tolist()):
             api["disagreements"].append(f"fill: notes of state {j} differ from .numpy()")
         start += n
+        api["compared"] += 1
 
 
 def _api_ticks(rng, seeds, midi, api) -> None:
@@ -475,6 +476,8 @@ def _api_ticks(rng, seeds, midi, api) -> None:
         api["guard_violations"] += 1
     elif out.tolist() != [readers._smf_ticks(d) for d in datas]:
         api["disagreements"].append("ticks: C and Python tick walks differ")
+    else:
+        api["compared"] += len(datas)
 
 
 def _api_encode(rng, api) -> None:
@@ -486,9 +489,10 @@ def _api_encode(rng, api) -> None:
     lengths = rng.integers(0, 30, n_pieces)
     n = int(lengths.sum())
     twin = rng.random() < 0.5
-    # onsets in quarters: small; 2000 (up to 24,000 steps: many time-shift tokens); 1e12 (past the
-    # packed key: C declines; only in hostile calls, NumPy would write ~1e12 tokens); 1e300 (past int64)
-    scale = float(_pick(rng, [1.0, 50.0, 2000.0, 1e300] if twin else [1.0, 50.0, 2000.0, 1e12, 1e300]))
+    # onsets in quarters: small; 2000 (up to 24,000 steps: many time-shift tokens); 1e15 (past the
+    # packed key, 2**46 steps at most: C declines; only in hostile calls, NumPy would write ~1e15
+    # tokens); 1e300 (past int64)
+    scale = float(_pick(rng, [1.0, 50.0, 2000.0, 1e300] if twin else [1.0, 50.0, 2000.0, 1e15, 1e300]))
     start = rng.random(n) * scale
     dur = rng.random(n) * float(_pick(rng, [2.0, 100.0, 1e300]))
     bad_float = rng.random() < 0.2 and n
@@ -522,6 +526,7 @@ def _api_encode(rng, api) -> None:
                 got.append(tok.encode_batch(batch))
         if not (np.array_equal(got[0][0], got[1][0]) and np.array_equal(got[0][1], got[1][1])):
             api["disagreements"].append(f"encode: C and NumPy ids differ ({n} notes, scale {scale})")
+        api["compared"] += 1
         return
     # hostile calls: one argument wrong
     c = tok.config
@@ -562,16 +567,28 @@ def new_result() -> dict:
     return {"cases": 0, "outcomes": {}, "mutations": {}, "unaccounted": [], "disagreements": [],
             "preprocess": {"batches": 0, "inputs": 0, "unaccounted": []},
             "api": {"cases": 0, "calls": {}, "rejected": {}, "unexpected": [], "guard_violations": 0,
-                    "disagreements": []}}
+                    "disagreements": [], "compared": 0}}
 
 
 def worker(args) -> None:
     """Cases [start, stop) of one kind; the case in progress goes to args.progress first."""
     import resource
 
-    if args.worker_memory > 0:  # an absurd allocation: a MemoryError here, not the OOM killer on a shared machine
+    if args.worker_memory > 0 and not args.asan_dir:  # (ASan reserves terabytes of address space)  # an absurd allocation: a MemoryError here, not the OOM killer on a shared machine
         limit = int(args.worker_memory * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    if args.asan_dir:  # the AddressSanitizer builds of the extensions, in place of the installed ones
+        import importlib.util
+
+        for name in ("_midi", "_events"):
+            path = next(Path(args.asan_dir).glob(f"**/{name}.*.so"))
+            spec = importlib.util.spec_from_file_location(f"midiforge.music.{name}", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            sys.modules[f"midiforge.music.{name}"] = module
+        from midiforge.music import readers, tokenizers
+
+        assert readers._native_midi.__file__.startswith(args.asan_dir) and tokenizers._native.__file__.startswith(args.asan_dir)
     seeds = seed_files(args.corpora)
     result = new_result()
     crash_at = int(os.environ.get("MIDIFORGE_FUZZ_CRASH_AT", "-1"))  # the harness's own test: a native crash
@@ -600,7 +617,10 @@ def worker(args) -> None:
         for case in range(args.start, args.stop):
             progress(case)
             rng = np.random.default_rng([args.seed, 1_000_000_007, case])
+            before = len(result["api"]["unexpected"]), len(result["api"]["disagreements"])
             api_case(rng, seeds, result)
+            for key, n in zip(("unexpected", "disagreements"), before):  # say which case
+                result["api"][key][n:] = [f"case {case}: {m}" for m in result["api"][key][n:]]
             result["api"]["cases"] += 1
     print(json.dumps(result))
 
@@ -618,6 +638,7 @@ def _merge(total: dict, part: dict) -> None:
     api, other = total["api"], part["api"]
     api["cases"] += other["cases"]
     api["guard_violations"] += other["guard_violations"]
+    api["compared"] += other["compared"]
     for key in ("calls", "rejected"):
         for k, v in other[key].items():
             api[key][k] = api[key].get(k, 0) + v
@@ -631,8 +652,12 @@ def _run_chunk(args, kind: str, start: int, stop: int, batch: int, progress: Pat
            "--stop", str(stop), "--batch", str(batch), "--progress", str(progress),
            "--preprocess-every", str(args.preprocess_every), "--worker-memory", str(args.worker_memory),
            "--corpora", *args.corpora]
+    env = None
+    if args.asan_dir:
+        cmd += ["--asan-dir", args.asan_dir]
+        env = {**os.environ, "LD_PRELOAD": args.asan_lib, "ASAN_OPTIONS": "detect_leaks=0:allocator_may_return_null=1"}
     progress.write_text(str(start))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         out, err = proc.communicate(timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -667,8 +692,30 @@ def _save(args, kind: str, case: int, how: str, seeds) -> str:
     return str(path)
 
 
+def build_asan(into: str) -> str:
+    """Both extensions built with AddressSanitizer into ``into``; returns the libraries to preload."""
+    script = (
+        "from setuptools import Extension, setup\n"
+        f"src = {str(ROOT / 'src' / 'midiforge' / 'music')!r}\n"
+        "setup(name='asan', script_args=['build_ext', '--build-lib', 'lib', '--build-temp', 'tmp'],\n"
+        "      ext_modules=[Extension(f'midiforge.music.{n}', [f'{src}/{n}.c'], extra_compile_args=['-O1', '-g',\n"
+        "      '-std=c99', '-fsanitize=address', '-fno-omit-frame-pointer'], extra_link_args=['-fsanitize=address'])\n"
+        "      for n in ('_midi', '_events')])\n")
+    subprocess.run([sys.executable, "-c", script], cwd=into, check=True, capture_output=True, timeout=300)
+    libs = [subprocess.run(["gcc", f"-print-file-name={name}"], capture_output=True, text=True, timeout=60).stdout.strip()
+            for name in ("libasan.so", "libstdc++.so.6")]  # libstdc++ too: symusic throws C++ exceptions
+    if not all(os.path.isabs(lib) for lib in libs):
+        raise SystemExit(f"--asan: gcc has no {libs}")
+    return ":".join(libs)
+
+
 def drive(args) -> int:
     started = time.perf_counter()
+    asan_tmp = None
+    if args.asan:
+        asan_tmp = tempfile.TemporaryDirectory(prefix="fuzz-asan-")
+        args.asan_lib = build_asan(asan_tmp.name)
+        args.asan_dir = str(Path(asan_tmp.name) / "lib")
     seeds = seed_files(args.corpora)
     total = new_result()
     crashes = []
@@ -709,6 +756,7 @@ def drive(args) -> int:
         "benchmark": "fuzz_readers",
         "seed": args.seed,
         "compiled": {"_midi": readers._native_midi is not None, "_events": tokenizers._native is not None},
+        "asan": bool(args.asan),
         "corpora": args.corpora, "seed_files": len(seeds),
         "cases": total["cases"],
         "mutations": dict(sorted(total["mutations"].items())),
@@ -730,6 +778,8 @@ def drive(args) -> int:
                            or total["api"]["guard_violations"] or total["api"]["disagreements"]
                            or result["cases"] != args.cases or total["api"]["cases"] != args.api_cases)
     print(json.dumps(result, indent=1))
+    if asan_tmp is not None:
+        asan_tmp.cleanup()
     return 0 if result["clean"] else 1
 
 
@@ -748,6 +798,9 @@ def main(argv=None) -> int:
                     help=f"folders of .mid files, or names under {SHARED}")
     ap.add_argument("--save", default=str(Path(tempfile.gettempdir()) / "midiforge-fuzz"),
                     help="where the case of a crash is saved")
+    ap.add_argument("--asan", action="store_true",
+                    help="run the cases against AddressSanitizer builds of the extensions (gcc, libasan)")
+    ap.add_argument("--asan-dir", default="", help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--kind", default="files", help=argparse.SUPPRESS)
     ap.add_argument("--start", type=int, default=0, help=argparse.SUPPRESS)

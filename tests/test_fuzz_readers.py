@@ -55,6 +55,7 @@ def test_a_few_hundred_fuzz_cases_are_clean(tmp_path):
     assert result["preprocess"]["batches"] == 2 and result["preprocess"]["unaccounted"] == []
     api = result["api"]
     assert api["guard_violations"] == 0 and api["unexpected_count"] == 0 and api["disagreement_count"] == 0
+    assert api["compared"] > 100
     assert set(api["calls"]) == ({"scan_fill", "ticks", "encode"} if result["compiled"]["_midi"] else {"encode"})
     assert api["rejected"].get("ValueError", 0) > 10 and api["rejected"].get("TypeError", 0) > 10
 
