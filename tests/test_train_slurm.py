@@ -79,3 +79,29 @@ def test_train_sbatch_usr1_backs_up_requeues_and_the_job_finishes_exactly(slurm,
     assert f"job {job} ends with exit status 0" in log.rsplit("(restart 2)", 1)[1]
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()} == before
     assert c.wait_no_leftovers(60) == []
+
+
+def test_scontrol_requeue_of_a_running_training_job_continues_from_a_backup(slurm, tmp_path):
+    """`scontrol requeue` (SIGTERM to the workers and to srun, which kills them KillWait seconds later,
+    5 s on the test cluster): the job starts again and finishes with every epoch exactly once."""
+    from slurmcluster import TERMINAL_STATES, wait_until
+
+    c = slurm
+    shards, out, epochs = tmp_path / "shards", tmp_path / "model", 4
+    make_shards(str(shards), pieces=40, files=2)
+    args = [str(shards), str(out), "--epochs", str(epochs), *SMALL, "--cache-dir", str(tmp_path / "cache")]
+    job = c.sbatch(["--nodes=2", "--output", str(tmp_path / "job-%j.out"), str(REPO / "slurm" / "train.sbatch"),
+                    *args], env=_env(), cwd=str(tmp_path))
+    wait_until(lambda: epochs_in(out / "metrics.jsonl") or c.state(job) in TERMINAL_STATES, 400, "the first epoch")
+    assert epochs_in(out / "metrics.jsonl"), c.output(job)[-4000:]
+    c.requeue(job)
+    wait_until(lambda: c.job_info(job).get("Restarts") == "1", 120, "the requeue")
+    state = c.wait(job, timeout=900)
+    log = c.output(job)
+    assert state == "COMPLETED", log[-4000:]
+    assert c.wait_no_leftovers(60) == []
+    assert "SIGTERM: stopping after the current step" in log.split("(restart 1)", 1)[0]
+    assert "continuing from the backup" in log.split("(restart 1)", 1)[1], log[-3000:]
+    assert epochs_in(out / "metrics.jsonl") == list(range(1, epochs + 1))
+    run = json.loads((out / "run.json").read_text())
+    assert (run["status"], run["starts"], run["workers"]) == ("finished", 2, 2)
