@@ -243,7 +243,8 @@ static PyObject *fill(PyObject *self, PyObject *args) {
         const int64_t *m = (const int64_t *)mv.buf + i * META;
         want[2 * i] = -1;
         if (m[M_STATUS] != OK) continue;
-        if (m[M_KEPT] < 1 || m[M_KEPT] > UINT32_MAX * (int64_t)MAX_TRACKS || m[M_TPQ] < 1 || m[M_TPQ] > INT32_MAX) {
+        if (m[M_KEPT] < 1 || m[M_KEPT] > UINT32_MAX * (int64_t)MAX_TRACKS || m[M_KEPT] > PY_SSIZE_T_MAX / 8 - total
+            || m[M_TPQ] < 1 || m[M_TPQ] > INT32_MAX) {
             bad = "fill: meta has a file OK with an impossible note count or ticks per quarter";
             break;
         }
