@@ -119,7 +119,7 @@ def test_preprocess_survives_or_fails_cleanly_across_an_outage(s3_server, ray_wi
     store_opts = s3_server.options()
     run = ["--endpoint-url", s3_server.endpoint_url, "--no-progress", "--batch-files", "2"]
 
-    # 1. a 2 s outage, well inside the retry budget (10 attempts, backoff up to 20 s)
+    # 1. a 2 s outage, well inside the retry budget (--s3-retry-seconds: 120 s by default)
     dest = f"{bucket}/runs/short/"
     outage = s3_server.outage(2.0, after_requests=15)
     started = time.monotonic()
@@ -138,11 +138,12 @@ def test_preprocess_survives_or_fails_cleanly_across_an_outage(s3_server, ray_wi
         _assert_clear_storage_error(err, s3_server)
         _assert_no_manifest_lies(store)
 
-    # 2. an outage much longer than 2 attempts can bridge: the run must fail, clearly
+    # 2. an outage much longer than the retry budget (2 s here): the run must fail, clearly
     dest = f"{bucket}/runs/long/"
     outage = s3_server.outage(12.0, after_requests=15)
     started = time.monotonic()
-    code, out, err = _run(["preprocess", src, dest, *run, "--s3-max-attempts", "2"], capsys)
+    code, out, err = _run(["preprocess", src, dest, *run, "--s3-max-attempts", "2", "--s3-retry-seconds", "2"],
+                          capsys)
     assert outage.stopped_at is not None and started < outage.stopped_at < time.monotonic()
     assert code != 0, "the run cannot have completed with the server down"
     _assert_clear_storage_error(err, s3_server)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import re
+import signal
 import sys
+import threading
 
 from midiforge.errors import MidiforgeError
 
@@ -72,10 +74,23 @@ def _join_negative_values(argv: list[str]) -> list[str]:
     return out
 
 
+_depth = 0  # main() calls in progress (the demo runs the other stages through main)
+
+
+def _terminated(signum, _frame):  # SIGTERM: unwind like an error, so that the clean-up below runs
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    global _depth
     modules = _modules()
     argv = _join_negative_values(list(sys.argv[1:] if argv is None else argv))
     args = build_parser(modules).parse_args(argv)
+    outermost = _depth == 0
+    previous = None
+    if outermost and threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminated)
+    _depth += 1
     try:
         return int(modules[args.command].main(args) or 0)
     except MidiforgeError as exc:
@@ -84,6 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"midiforge {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _depth -= 1
+        if outermost:
+            # a Ray this command started stops with it, and leaves no process behind (however it ended)
+            runtime = sys.modules.get("midiforge.pipeline.ray_runtime")
+            if runtime is not None:
+                runtime.stop_ray()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
