@@ -7,6 +7,7 @@ is the one tuple of exceptions a loader may raise for a bad file.
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -558,6 +559,8 @@ def read_pieces(units: list[tuple[str, bytes]], options: ReadOptions = ReadOptio
     one by one (:func:`read_piece`).  An unexpected exception of a parser on one unit becomes that
     unit's ``parser_error``: nothing raised for one unit stops the others.
     """
+    if any(k in os.environ for k in _FAULT_ENV):
+        _inject_faults(units)
     fast = [i for i, (src, _) in enumerate(units) if options.parser == "symusic"
             and file_format(src.split("#", 1)[0]) == "midi" and units[i][1]]
     errors: list = [None] * len(units)
@@ -578,6 +581,27 @@ def read_pieces(units: list[tuple[str, bytes]], options: ReadOptions = ReadOptio
             errors[i] = PieceError("parser_error", f"{type(exc).__name__}: {exc}")
     batch = PieceBatch.concat([batch, PieceBatch.from_pieces(slow)])
     return batch.take(np.argsort(order, kind="stable")), errors
+
+
+#: Fault-injection hook, for tests only (inert unless one of these environment variables is set in the
+#: reading process): MIDIFORGE_TEST_CRASH_ON=<substring> makes read_pieces send SIGSEGV to its own process
+#: when a unit's source contains the substring (a real native crash of a Ray worker, as a parser bug in C
+#: would cause), MIDIFORGE_TEST_HANG_ON=<substring> makes it sleep forever on such a unit (a parser that
+#: never returns).  tests/test_preprocess_faults.py uses them; nothing else may.
+_FAULT_ENV = ("MIDIFORGE_TEST_CRASH_ON", "MIDIFORGE_TEST_HANG_ON")
+
+
+def _inject_faults(units: list[tuple[str, bytes]]) -> None:
+    import signal
+    import time
+
+    crash, hang = os.environ.get("MIDIFORGE_TEST_CRASH_ON"), os.environ.get("MIDIFORGE_TEST_HANG_ON")
+    for src, _data in units:
+        if crash and crash in src:
+            os.kill(os.getpid(), signal.SIGSEGV)
+        if hang and hang in src:
+            while True:
+                time.sleep(3600)
 
 
 def _read_midi_guarded(datas: list[bytes], options: ReadOptions):
