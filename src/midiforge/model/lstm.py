@@ -85,6 +85,17 @@ def _tf_startup_quiet():
         os.close(saved)
 
 
+class _StartupNoiseFilter(logging.Filter):
+    """On TensorFlow's Python logger: its advice about running a strategy eagerly (said once per run, to
+    every user of MultiWorkerMirroredStrategy; nothing they can act on) goes to the debug log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "Using CollectiveAllReduceStrategy eagerly has significant overhead" in record.getMessage():
+            logging.getLogger("midiforge.tensorflow").debug("%s", record.getMessage())
+            return False
+        return True
+
+
 def tf_keras():
     """``(tensorflow, tf_keras)``, imported with ``TF_USE_LEGACY_KERAS=1`` set beforehand; TensorFlow's
     start-up messages (and the CUDA probe of its first device query) go to the debug log."""
@@ -96,6 +107,7 @@ def tf_keras():
             import tf_keras  # noqa: F401
 
             tf.config.list_physical_devices()  # the CUDA probe, which logs "failed call to cuInit" without a GPU
+        tf.get_logger().addFilter(_StartupNoiseFilter())
     import tensorflow as tf
     import tf_keras as keras
 
