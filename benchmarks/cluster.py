@@ -39,7 +39,7 @@ def _bench_preprocess():
 def _model(path: str, embedding_dim: int, units: str) -> str:
     """A bundle with the generate benchmark's model (random weights: the speed does not depend on them)."""
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-    from midiforge.model.bundle import write_bundle
+    from midiforge.pipeline.bundles import write_bundle
     from midiforge.model.lstm import ModelConfig, build_model, parse_units, tf_keras
     from midiforge.music.tokenizers import make_tokenizer
     from midiforge.storage import open_store

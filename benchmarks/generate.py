@@ -135,7 +135,7 @@ def main() -> None:
         args.keras_batch_sizes, args.ray_batch_sizes, args.ray_max_tokens = "1", "16", 32
         args.float32_batch_sizes = "64"
 
-    from midiforge.model.bundle import load_bundle, write_bundle
+    from midiforge.pipeline.bundles import load_bundle, write_bundle
     from midiforge.model.decode import NumpyLSTM
     from midiforge.model.lstm import ModelConfig, build_model, parse_units, tf_keras
     from midiforge.music.tokenizers import make_tokenizer

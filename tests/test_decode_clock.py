@@ -297,7 +297,7 @@ def test_max_seconds_counts_three_four_bars():
 def test_generate_max_seconds_with_a_three_four_midi_primer(tmp_path):
     """The stage: a MIDI primer in 3/4, --max-seconds: every piece stops at the token whose note
     makes it last that long, counted in 3/4 bars (a tiny Keras model with a bar-heavy output bias)."""
-    from midiforge.model.bundle import write_bundle
+    from midiforge.pipeline.bundles import write_bundle
     from midiforge.model.lstm import ModelConfig, build_model, tf_keras
     from midiforge.music.midi_io import piece_to_midi
     from midiforge.pipeline import pieces

@@ -158,7 +158,7 @@ def trained(tmp_path_factory):
 
 
 def test_memorisation_finds_a_copied_training_piece_and_model_loss_beside_a_5gram(trained, tmp_path):
-    from midiforge.model.bundle import load_bundle
+    from midiforge.pipeline.bundles import load_bundle
     from midiforge.model.lstm import tf_keras
 
     shards, model = trained / "tokens", trained / "model"

@@ -65,7 +65,8 @@ def corpus():
 @pytest.fixture(scope="module")
 def model_dir(corpus, tmp_path_factory):
     """MODEL_DIR: checkpoints/epoch-0001, epoch-0002 (+ index.json) and bundle/ (= epoch 2)."""
-    from midiforge.model.bundle import INDEX, checkpoint_dir, write_bundle
+    from midiforge.model.bundle import INDEX, checkpoint_dir
+    from midiforge.pipeline.bundles import write_bundle
     from midiforge.model.lstm import ModelConfig, build_model, tf_keras
 
     _tf, keras = tf_keras()
@@ -97,7 +98,7 @@ def model_dir(corpus, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bundle(model_dir):
-    from midiforge.model.bundle import load_bundle
+    from midiforge.pipeline.bundles import load_bundle
 
     return load_bundle(model_dir)
 
@@ -609,7 +610,7 @@ def test_bad_input_is_refused_and_nothing_written(model_dir, tmp_path, capsys):
     garbage = tmp_path / "garbage.mid"
     garbage.write_bytes(b"this is not a MIDI file")
     cases = [
-        ([str(broken), "-n", "2"], "does not match the bundle manifest"),
+        ([str(broken), "-n", "2"], "does not match its manifest entry"),
         ([model_dir, "-n", "2", "--primer-midi", str(garbage)], "cannot read the primer"),
         ([model_dir, "-n", "2", "--primer-midi", str(tmp_path / "missing.mid")], "cannot read the primer"),
         ([model_dir, "-n", "0"], "--num-pieces"),

@@ -116,7 +116,7 @@ def test_class_weights_lift_rare_tokens_and_keep_the_loss_scale():
 # end to end
 # ---------------------------------------------------------------------------------------------
 def test_single_worker_without_configuration(shards, tmp_path):
-    from midiforge.model.bundle import list_checkpoints, load_bundle
+    from midiforge.pipeline.bundles import list_checkpoints, load_bundle
 
     config = tmp_path / "train.toml"
     config.write_text('epochs = 3\nseq-len = 32\nbatch_size = 8\nlstm_units = "32"\nembedding_dim = 16\n'
@@ -176,7 +176,7 @@ def test_single_worker_without_configuration(shards, tmp_path):
 def test_two_workers_one_killed_then_resumed_with_exact_epochs(shards, tmp_path):
     """Attempt 1 (TF_CONFIG) loses worker 1 to SIGKILL mid-training; attempt 2 (the same
     command, membership from SLURM_* as under srun) finishes with every epoch exactly once."""
-    from midiforge.model.bundle import load_bundle
+    from midiforge.pipeline.bundles import load_bundle
 
     out = tmp_path / "model"
     epochs = 4
@@ -242,7 +242,7 @@ def test_two_workers_one_killed_then_resumed_with_exact_epochs(shards, tmp_path)
 
 
 def test_s3_bundle_reloads_to_identical_predictions_and_resumes_from_s3(s3_server, tmp_path):
-    from midiforge.model.bundle import list_checkpoints, load_bundle
+    from midiforge.pipeline.bundles import list_checkpoints, load_bundle
 
     bucket = s3_server.new_bucket()
     options = s3_server.options()

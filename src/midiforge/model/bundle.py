@@ -1,5 +1,8 @@
 """Model bundles: everything needed to rebuild a trained model, verified by sha256, no pickle.
 
+This module owns the format and works on bytes and objects only; reading and writing a
+``MODEL_DIR`` through a store is :mod:`midiforge.pipeline.bundles`.
+
 Layout of a training output directory ``MODEL_DIR`` (local path, file:// or s3://)::
 
     MODEL_DIR/
@@ -19,22 +22,27 @@ Layout of a training output directory ``MODEL_DIR`` (local path, file:// or s3:/
 
 Reading (the contract generate builds on)::
 
+    from midiforge.pipeline.bundles import load_bundle
     b = load_bundle("s3://bucket/model", checkpoint="final")   # or "best", "latest", an epoch number
     b.config       # ModelConfig
     b.tokenizer    # Tokenizer
     b.training     # dict: training settings, qpm_median, tokenizer id, epochs, ...
     b.sha256       # sha256 of the bundle's manifest.json bytes: the bundle's identity
     b.checkpoint   # what was loaded: "final" or "epoch-0003"
-    model = b.build(batch_size=8, stateful=True, seq_len=1)   # weights loaded; outputs logits
+    b.numpy_weights()                                         # LSTMWeights from the HDF5 bytes (h5py, no TensorFlow)
+    model = b.build(batch_size=8, stateful=True, seq_len=1)   # tf_keras, weights loaded; outputs logits
     b.check_tokenizer(shards_tokenizer_id, "DEST/tokenizer.json")   # MidiforgeError on mismatch
 
-``load_bundle`` accepts a ``MODEL_DIR`` or the directory of one bundle (``MODEL_DIR/bundle``,
-``MODEL_DIR/checkpoints/epoch-0003``).  Every file is checked against the bundle's manifest
-(size and sha256) before anything is parsed; a mismatch is a :class:`MidiforgeError` naming
-the file.  The model's outputs are logits (see :mod:`midiforge.model.lstm`).
+Here: :func:`bundle_files` makes a bundle's files (manifest last), :func:`parse_manifest` checks a
+bundle manifest and returns its entries, :func:`parse_bundle` turns the files (each already
+checked against its entry by the reader) into a :class:`Bundle`, :func:`parse_index` and
+:func:`pick_checkpoint` read ``checkpoints/index.json``.  The model's outputs are logits
+(see :mod:`midiforge.model.lstm`).
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import tempfile
@@ -43,8 +51,6 @@ from dataclasses import dataclass, field
 from midiforge.errors import MidiforgeError
 from midiforge.model.lstm import ModelConfig, build_model
 from midiforge.music.tokenizers import Tokenizer, load_tokenizer
-from midiforge.storage.manifest import sha256_hex
-from midiforge.storage.store import Store, StorageOptions, open_store
 
 BUNDLE_FORMAT = "midiforge-bundle"
 BUNDLE_VERSION = 1
@@ -68,13 +74,28 @@ def checkpoint_dir(epoch: int) -> str:
     return f"{CHECKPOINTS_DIR}/epoch-{int(epoch):04d}"
 
 
-def _join(prefix: str, name: str) -> str:
+def join(prefix: str, name: str) -> str:
+    """``prefix/name`` (``name`` alone for the empty prefix)."""
     return f"{prefix.rstrip('/')}/{name}" if prefix else name
 
 
-def write_bundle(store: Store, prefix: str, *, config: ModelConfig, tokenizer_json: str | bytes,
-                 training: dict, weights: bytes, extra: dict[str, bytes] | None = None) -> bytes:
-    """Write one bundle under ``prefix`` of ``store``; the manifest last.  Returns the manifest bytes."""
+def json_object(data: bytes, where: str) -> dict:
+    """``data`` parsed as a JSON object; a MidiforgeError naming ``where`` otherwise."""
+    try:
+        value = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MidiforgeError(f"{where}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise MidiforgeError(f"{where}: not a JSON object")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+# ---------------------------------------------------------------------------------------------
+def bundle_files(*, config: ModelConfig, tokenizer_json: str | bytes, training: dict, weights: bytes,
+                 extra: dict[str, bytes] | None = None) -> dict[str, bytes]:
+    """The files of one bundle, ``{name: bytes}`` in writing order: ``manifest.json`` last."""
     tok_bytes = tokenizer_json.encode() if isinstance(tokenizer_json, str) else bytes(tokenizer_json)
     tok = load_tokenizer(tok_bytes)
     if tok.id != config.tokenizer_id:
@@ -86,20 +107,47 @@ def write_bundle(store: Store, prefix: str, *, config: ModelConfig, tokenizer_js
         WEIGHTS: bytes(weights),
         **(extra or {}),
     }
-    entries = []
-    for name, data in files.items():
-        store.write_bytes(_join(prefix, name), data)
-        entries.append({"path": name, "bytes": len(data), "sha256": sha256_hex(data)})
+    entries = [{"path": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+               for name, data in files.items()]
     manifest = {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "tokenizer": tok.id,
                 "model": config.to_dict(), "epoch": training.get("epochs_done"), "files": entries}
-    data = (json.dumps(manifest, indent=2) + "\n").encode()
-    store.write_bytes(_join(prefix, MANIFEST), data)
-    return data
+    files[MANIFEST] = (json.dumps(manifest, indent=2) + "\n").encode()
+    return files
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+# ---------------------------------------------------------------------------------------------
+def parse_manifest(data: bytes, where: str = MANIFEST) -> tuple[dict, dict[str, dict]]:
+    """(manifest, {name: {path, bytes, sha256}}) of a bundle's ``manifest.json`` bytes.
+
+    Refuses another format or version, and a manifest that does not list the required files.
+    """
+    manifest = json_object(data, where)
+    if manifest.get("format") != BUNDLE_FORMAT:
+        raise MidiforgeError(f"{where}: not a midiforge bundle manifest")
+    if manifest.get("version") != BUNDLE_VERSION:
+        raise MidiforgeError(f"{where}: bundle version {manifest.get('version')} is not supported")
+    files = manifest.get("files")
+    if not isinstance(files, list):
+        raise MidiforgeError(f"{where}: the manifest has no 'files' list")
+    listed: dict[str, dict] = {}
+    for i, e in enumerate(files):
+        if not (isinstance(e, dict) and isinstance(e.get("path"), str) and e["path"]
+                and isinstance(e.get("bytes"), int) and isinstance(e.get("sha256"), str)):
+            raise MidiforgeError(f"{where}: files[{i}] is not a {{path, bytes, sha256}} entry")
+        if "/" in e["path"] or e["path"] in (".", "..", MANIFEST):
+            raise MidiforgeError(f"{where}: files[{i}] names {e['path']!r}, not a file of this bundle")
+        listed[e["path"]] = e
+    for name in REQUIRED:
+        if name not in listed:
+            raise MidiforgeError(f"{where}: does not list {name}")
+    return manifest, listed
 
 
 @dataclass
 class Bundle:
-    """A verified bundle held in memory; :meth:`build` makes a model with its weights."""
+    """A verified bundle held in memory; :meth:`numpy_weights` and :meth:`build` give its weights."""
 
     uri: str                     # where the bundle directory is
     checkpoint: str              # "final" or "epoch-0003"
@@ -122,76 +170,140 @@ class Bundle:
                 f"({self.uri}); token ids would not match the model's vocabulary. Preprocess with the bundle's "
                 f"tokenizer.json, or train a new model on this data")
 
-    def weights_file(self, directory: str | os.PathLike) -> str:
-        """Write the weights to ``directory`` and return the file's path (for tf_keras)."""
-        path = os.path.join(directory, WEIGHTS)
-        with open(path, "wb") as fh:
-            fh.write(self.files[WEIGHTS])
-        return path
+    def numpy_weights(self):
+        """The weights as float64 :class:`~midiforge.model.decode.LSTMWeights`, read from the HDF5 bytes
+        with h5py (no TensorFlow)."""
+        return weights_from_h5(self.files[WEIGHTS], self.config, f"{self.uri}/{WEIGHTS}")
 
     def build(self, batch_size: int | None = None, stateful: bool = False, seq_len: int | None = None,
               mixed_precision: bool = False):
         """The model (see :func:`midiforge.model.lstm.build_model`) with this bundle's weights; outputs logits."""
         model = build_model(self.config, batch_size=batch_size, stateful=stateful, seq_len=seq_len,
                             mixed_precision=mixed_precision)
+        # tf_keras reads weights from a path only: a private temporary copy of the bytes
         with tempfile.TemporaryDirectory(prefix="midiforge-weights-") as tmp:
+            path = os.path.join(tmp, WEIGHTS)
+            with open(path, "wb") as fh:
+                fh.write(self.files[WEIGHTS])
             try:
-                model.load_weights(self.weights_file(tmp))
+                model.load_weights(path)
             except (ValueError, OSError) as exc:
                 raise MidiforgeError(f"{self.uri}/{WEIGHTS}: weights do not fit the model config ({exc})") from None
         return model
 
 
-def _read_json(store: Store, rel: str) -> dict:
+def parse_bundle(files: dict[str, bytes], *, uri: str, checkpoint: str) -> Bundle:
+    """A :class:`Bundle` from its files (``manifest.json`` and the files it lists but ``optimizer.h5``).
+
+    The reader checks each file against its manifest entry (size and sha256) before it hands
+    the bytes here; ``uri`` (the bundle's directory) names the files in error messages.
+    """
+    where = lambda name: f"{uri.rstrip('/')}/{name}"  # noqa: E731
+    if MANIFEST not in files:
+        raise MidiforgeError(f"{where(MANIFEST)}: no bundle manifest (incomplete or not a bundle)")
+    manifest_bytes = files[MANIFEST]
+    manifest, _listed = parse_manifest(manifest_bytes, where(MANIFEST))
+    for name in REQUIRED:
+        if name not in files:
+            raise MidiforgeError(f"{where(name)}: missing (listed in the bundle manifest)")
+    config = ModelConfig.from_dict(json_object(files[CONFIG], where(CONFIG)), where(CONFIG))
     try:
-        return json.loads(store.read_bytes(rel))
-    except json.JSONDecodeError as exc:
-        raise MidiforgeError(f"{store.url(rel)}: not valid JSON ({exc})") from None
+        tokenizer = load_tokenizer(files[TOKENIZER])
+    except (MidiforgeError, KeyError, TypeError, ValueError) as exc:
+        raise MidiforgeError(f"{where(TOKENIZER)}: {exc}") from None
+    if tokenizer.id != config.tokenizer_id:
+        raise MidiforgeError(f"{where(TOKENIZER)}: tokenizer {tokenizer.id} is not the one "
+                             f"the model was trained with ({config.tokenizer_id})")
+    if tokenizer.vocab_size != config.vocab_size:
+        raise MidiforgeError(f"{where(CONFIG)}: vocab_size {config.vocab_size} differs from "
+                             f"the tokenizer's {tokenizer.vocab_size}")
+    training = json_object(files[TRAINING], where(TRAINING))
+    return Bundle(uri=uri, checkpoint=checkpoint, config=config, tokenizer=tokenizer, training=training,
+                  sha256=hashlib.sha256(manifest_bytes).hexdigest(), manifest=manifest,
+                  files={k: v for k, v in files.items() if k != MANIFEST})
 
 
-def read_index(store: Store) -> dict:
-    """``checkpoints/index.json`` of a MODEL_DIR store ({"checkpoints": []} when absent)."""
-    if not store.exists(INDEX):
-        return {"checkpoints": [], "best": None, "latest": None}
-    d = _read_json(store, INDEX)
+# ---------------------------------------------------------------------------------------------
+# weights: the HDF5 file tf_keras's save_weights writes for a ``.weights.h5`` name
+# ---------------------------------------------------------------------------------------------
+def weight_paths(config: ModelConfig) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
+    """Where :func:`~midiforge.model.lstm.build_model`'s weights are in the ``.weights.h5`` file, with
+    their shapes: ``{"embedding": [(path, shape)], "lstm_1": [kernel, recurrent, bias], ..., "logits": [...]}``.
+
+    tf_keras (``saving_lib``) stores a model's layers in ``layers/<name>`` where ``<name>`` is the
+    snake_case class name, numbered from the second layer of a class on (``lstm``, ``lstm_1``, ...),
+    and a layer's variables in creation order as ``vars/0``, ``vars/1``, ... (an LSTM's under ``cell/``).
+    """
+    out: dict[str, list[tuple[str, tuple[int, ...]]]] = {
+        "embedding": [("layers/embedding/vars/0", (config.vocab_size, config.embedding_dim))]}
+    width = config.embedding_dim
+    for i, u in enumerate(config.lstm_units):
+        group = "layers/lstm" if i == 0 else f"layers/lstm_{i}"
+        out[f"lstm_{i + 1}"] = [(f"{group}/cell/vars/0", (width, 4 * u)), (f"{group}/cell/vars/1", (u, 4 * u)),
+                                (f"{group}/cell/vars/2", (4 * u,))]
+        width = u
+    out["logits"] = [("layers/dense/vars/0", (width, config.vocab_size)), ("layers/dense/vars/1", (config.vocab_size,))]
+    return out
+
+
+def weights_from_h5(data: bytes, config: ModelConfig, where: str = WEIGHTS):
+    """The float64 :class:`~midiforge.model.decode.LSTMWeights` in a bundle's ``model.weights.h5`` bytes.
+
+    Read with h5py (no TensorFlow); every array's shape is checked against ``config``.  The
+    arrays are the ones tf_keras's ``load_weights`` would put in the model (the tests compare).
+    """
+    import h5py
+    import numpy as np
+
+    from midiforge.model.decode import LSTMWeights
+
+    paths = weight_paths(config)
+    arrays: dict[str, list] = {}
+    try:
+        with h5py.File(io.BytesIO(data), "r") as f:
+            for layer, items in paths.items():
+                arrays[layer] = []
+                for path, shape in items:
+                    ds = f.get(path)
+                    if not isinstance(ds, h5py.Dataset):
+                        raise MidiforgeError(f"{where}: no {path} (not the weights of a midiforge LSTM saved by "
+                                             f"tf_keras save_weights)")
+                    if tuple(ds.shape) != shape:
+                        raise MidiforgeError(f"{where}: weights do not fit the model config ({path} has shape "
+                                             f"{tuple(ds.shape)}, the config needs {shape})")
+                    arrays[layer].append(np.asarray(ds[()], dtype=np.float64))
+    except OSError as exc:  # not HDF5, truncated
+        raise MidiforgeError(f"{where}: not a readable HDF5 weights file ({exc})") from None
+    lstm = [tuple(arrays[f"lstm_{i}"]) for i in range(1, len(config.lstm_units) + 1)]
+    return LSTMWeights(arrays["embedding"][0], lstm, arrays["logits"][0], arrays["logits"][1])
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints/index.json
+# ---------------------------------------------------------------------------------------------
+def empty_index() -> dict:
+    return {"checkpoints": [], "best": None, "latest": None}
+
+
+def parse_index(data: bytes, where: str = INDEX) -> dict:
+    """``checkpoints/index.json`` bytes -> {"checkpoints": [...], "best", "latest"}."""
+    d = json_object(data, where)
     if not isinstance(d.get("checkpoints"), list):
-        raise MidiforgeError(f"{store.url(INDEX)}: no 'checkpoints' list")
+        raise MidiforgeError(f"{where}: no 'checkpoints' list")
     return d
 
 
-def list_checkpoints(uri: str, options: StorageOptions | None = None) -> list[dict]:
-    """The checkpoints of ``MODEL_DIR`` in epoch order: [{epoch, val_loss, val_accuracy, path, sha256}].
-
-    ``path`` is relative to ``MODEL_DIR`` (``checkpoints/epoch-0003``).
-    """
-    store = open_store(uri, options)
-    return sorted(read_index(store)["checkpoints"], key=lambda c: c["epoch"])
-
-
-def _resolve(store: Store, checkpoint: str | int) -> tuple[str, str]:
-    """(prefix of the bundle inside ``store``, label) for a MODEL_DIR or a bundle directory."""
-    if store.exists(MANIFEST):
-        top = _read_json(store, MANIFEST)
-        if top.get("format") == BUNDLE_FORMAT:  # the URI is one bundle's directory
-            if checkpoint not in ("final", None):
-                raise MidiforgeError(f"{store.uri}: is a single bundle; checkpoint={checkpoint!r} needs a MODEL_DIR")
-            label = store.uri.rstrip("/").rsplit("/", 1)[-1]
-            return "", "final" if label == FINAL_DIR else label
-    if checkpoint in ("final", None):
-        if not store.exists(_join(FINAL_DIR, MANIFEST)):
-            raise MidiforgeError(f"{store.url(FINAL_DIR)}: no final bundle (training has not finished there); "
-                                 f"load checkpoint='latest' or 'best' instead")
-        return FINAL_DIR, "final"
-    index = read_index(store)
+def pick_checkpoint(index: dict, checkpoint: str | int, where: str = INDEX) -> dict:
+    """The index entry ``checkpoint`` ("best", "latest" or an epoch number) names."""
     entries = {int(c["epoch"]): c for c in index["checkpoints"]}
     if not entries:
-        raise MidiforgeError(f"{store.url(INDEX)}: no checkpoints in {store.uri}")
+        raise MidiforgeError(f"{where}: no checkpoints")
     if checkpoint == "latest":
         epoch = max(entries)
     elif checkpoint == "best":
         scored = [c for c in entries.values() if c.get("val_loss") is not None]
         if not scored:
-            raise MidiforgeError(f"{store.url(INDEX)}: no checkpoint has a validation loss")
+            raise MidiforgeError(f"{where}: no checkpoint has a validation loss")
         epoch = int(min(scored, key=lambda c: (c["val_loss"], -c["epoch"]))["epoch"])
     else:
         try:
@@ -199,55 +311,5 @@ def _resolve(store: Store, checkpoint: str | int) -> tuple[str, str]:
         except (TypeError, ValueError):
             raise MidiforgeError(f"checkpoint {checkpoint!r}: use 'final', 'best', 'latest' or an epoch number") from None
         if epoch not in entries:
-            raise MidiforgeError(f"{store.uri}: no checkpoint for epoch {epoch} (kept: {sorted(entries)})")
-    return entries[epoch]["path"], entries[epoch]["path"].rsplit("/", 1)[-1]
-
-
-def load_bundle(uri: str, *, checkpoint: str | int = "final", options: StorageOptions | None = None) -> Bundle:
-    """Load and verify a bundle: ``checkpoint`` is "final", "best", "latest" or an epoch number."""
-    store = open_store(uri, options)
-    prefix, label = _resolve(store, checkpoint)
-    manifest_rel = _join(prefix, MANIFEST)
-    if not store.exists(manifest_rel):
-        raise MidiforgeError(f"{store.url(manifest_rel)}: no bundle manifest (incomplete or not a bundle)")
-    manifest_bytes = store.read_bytes(manifest_rel)
-    try:
-        manifest = json.loads(manifest_bytes)
-    except json.JSONDecodeError as exc:
-        raise MidiforgeError(f"{store.url(manifest_rel)}: not valid JSON ({exc})") from None
-    if manifest.get("format") != BUNDLE_FORMAT:
-        raise MidiforgeError(f"{store.url(manifest_rel)}: not a midiforge bundle manifest")
-    if manifest.get("version") != BUNDLE_VERSION:
-        raise MidiforgeError(f"{store.url(manifest_rel)}: bundle version {manifest.get('version')} is not supported")
-    listed = {e.get("path"): e for e in manifest.get("files", []) if isinstance(e, dict)}
-    for name in REQUIRED:
-        if name not in listed:
-            raise MidiforgeError(f"{store.url(manifest_rel)}: does not list {name}")
-    files: dict[str, bytes] = {}
-    for name, entry in listed.items():
-        rel = _join(prefix, name)
-        if not store.exists(rel):
-            raise MidiforgeError(f"{store.url(rel)}: missing (listed in the bundle manifest)")
-        if name == OPTIMIZER:  # resume state only; verified by the trainer when it uses it
-            continue
-        data = store.read_bytes(rel)
-        if len(data) != entry.get("bytes") or sha256_hex(data) != entry.get("sha256"):
-            raise MidiforgeError(f"{store.url(rel)}: does not match the bundle manifest "
-                                 f"({len(data)} bytes, sha256 {sha256_hex(data)[:16]}...; manifest says "
-                                 f"{entry.get('bytes')} bytes, {str(entry.get('sha256'))[:16]}...)")
-        files[name] = data
-    config = ModelConfig.from_dict(json.loads(files[CONFIG]), store.url(_join(prefix, CONFIG)))
-    try:
-        tokenizer = load_tokenizer(files[TOKENIZER])
-    except (MidiforgeError, KeyError, TypeError, ValueError) as exc:
-        raise MidiforgeError(f"{store.url(_join(prefix, TOKENIZER))}: {exc}") from None
-    if tokenizer.id != config.tokenizer_id:
-        raise MidiforgeError(f"{store.url(_join(prefix, TOKENIZER))}: tokenizer {tokenizer.id} is not the one "
-                             f"the model was trained with ({config.tokenizer_id})")
-    if tokenizer.vocab_size != config.vocab_size:
-        raise MidiforgeError(f"{store.url(_join(prefix, CONFIG))}: vocab_size {config.vocab_size} differs from "
-                             f"the tokenizer's {tokenizer.vocab_size}")
-    training = json.loads(files[TRAINING])
-    return Bundle(uri=store.url(prefix) if prefix else store.uri, checkpoint=label, config=config,
-                  tokenizer=tokenizer, training=training, sha256=sha256_hex(manifest_bytes),
-                  manifest=manifest, files=files)
+            raise MidiforgeError(f"{where}: no checkpoint for epoch {epoch} (kept: {sorted(entries)})")
+    return entries[epoch]

@@ -436,7 +436,7 @@ def evaluate_sets(generated_uri: str, reference_uri: str, *, model_dir: str | No
         train_uri = reference_uri
     bundle = None
     if model_dir:
-        from midiforge.model.bundle import load_bundle
+        from midiforge.pipeline.bundles import load_bundle
 
         bundle = load_bundle(model_dir, checkpoint=checkpoint, options=storage)
         if train_uri is None:

@@ -90,42 +90,44 @@ class ModelSpec:
     uri: str
     sha256: str
     epoch: int | None
-    tokenizer_json: str
+    tokenizer: object               # Tokenizer (parsed once, from the bundle's tokenizer.json)
     qpm_median: float | None
-    weights: object = None          # LSTMWeights (numpy engine)
+    weights: object = None          # LSTMWeights (numpy engine), read from the HDF5 bytes with h5py
     bundle: object = None           # Bundle (keras engine builds its stateful model from it)
 
 
-def resolve_labels(model_dir: str, checkpoint: str, storage: StorageOptions | None) -> list[str | int]:
+def resolve_labels(store, checkpoint: str) -> list[str | int]:
     """What to load for ``--checkpoint``: "final", "best", "latest", an epoch, or every one ("all")."""
-    from midiforge.model.bundle import FINAL_DIR, MANIFEST, list_checkpoints
+    from midiforge.model.bundle import FINAL_DIR, MANIFEST
+    from midiforge.pipeline.bundles import is_single_bundle, list_checkpoints
 
     if checkpoint != "all":
         return [checkpoint]
-    store = open_store(model_dir, storage)
-    if store.exists(MANIFEST):  # a single bundle's directory
-        top = json.loads(store.read_bytes(MANIFEST))
-        if top.get("format") == "midiforge-bundle":
-            return ["final"]
-    out: list[str | int] = [int(c["epoch"]) for c in list_checkpoints(model_dir, storage)]
+    if is_single_bundle(store):
+        return ["final"]
+    out: list[str | int] = [int(c["epoch"]) for c in list_checkpoints(store)]
     if store.exists(f"{FINAL_DIR}/{MANIFEST}"):
         out.append("final")
     if not out:
-        raise MidiforgeError(f"{model_dir}: no checkpoints and no final bundle to generate from")
+        raise MidiforgeError(f"{store.uri}: no checkpoints and no final bundle to generate from")
     return out
 
 
 def load_models(model_dir: str, checkpoint: str, engine: str, storage: StorageOptions | None) -> list[ModelSpec]:
-    """Load and verify every bundle ``--checkpoint`` names; NumPy weights read through tf_keras."""
-    from midiforge.model.bundle import load_bundle
+    """Load and verify every bundle ``--checkpoint`` names, reading each bundle's files once.
 
+    The numpy engine gets its weights from the HDF5 bytes (h5py): no TensorFlow in the driver or
+    the actors.  The keras engine gets the bundle (its actors build the tf_keras model).
+    """
+    from midiforge.pipeline.bundles import load_bundle
+
+    store = open_store(model_dir, storage)
     specs: list[ModelSpec] = []
-    for what in resolve_labels(model_dir, checkpoint, storage):
-        b = load_bundle(model_dir, checkpoint=what, options=storage)
+    for what in resolve_labels(store, checkpoint):
+        b = load_bundle(store, checkpoint=what)
         if any(s.label == b.checkpoint for s in specs):
             continue
-        spec = ModelSpec(label=b.checkpoint, uri=b.uri, sha256=b.sha256, epoch=b.epoch,
-                         tokenizer_json=b.tokenizer.to_json(),
+        spec = ModelSpec(label=b.checkpoint, uri=b.uri, sha256=b.sha256, epoch=b.epoch, tokenizer=b.tokenizer,
                          qpm_median=_float_or_none(b.training.get("qpm_median")))
         if engine == "keras":
             spec.bundle = b
@@ -136,17 +138,8 @@ def load_models(model_dir: str, checkpoint: str, engine: str, storage: StorageOp
 
 
 def numpy_weights(bundle):
-    """The bundle's weights as float64 NumPy arrays, loaded by tf_keras exactly as training saved them."""
-    from midiforge.model.decode import weights_from_keras
-    from midiforge.model.lstm import tf_keras
-
-    _tf, keras = tf_keras()
-    model = bundle.build()
-    try:
-        return weights_from_keras(model, len(bundle.config.lstm_units))
-    finally:
-        del model
-        keras.backend.clear_session()
+    """The bundle's weights as float64 NumPy arrays, read from its HDF5 bytes with h5py (no TensorFlow)."""
+    return bundle.numpy_weights()
 
 
 def _float_or_none(x) -> float | None:
@@ -207,7 +200,6 @@ def plan_primers(settings: GenerateSettings, models: list[ModelSpec], seed: int,
                  storage: StorageOptions | None) -> PrimerPlan:
     from midiforge.music.readers import read_piece
     from midiforge.music.primer import encode_primer
-    from midiforge.music.tokenizers import load_tokenizer
 
     if settings.primer == "none":
         return PrimerPlan("none")
@@ -220,7 +212,7 @@ def plan_primers(settings: GenerateSettings, models: list[ModelSpec], seed: int,
             raise MidiforgeError(f"{path}: cannot read the primer ({exc})") from None
         mapped = 0
         for m in models:
-            ids, n = encode_primer(load_tokenizer(m.tokenizer_json), piece)
+            ids, n = encode_primer(m.tokenizer, piece)
             mapped = max(mapped, n)
             if len(ids) < 2:
                 raise MidiforgeError(f"{path}: the primer has no notes the model's tokenizer keeps")
@@ -243,7 +235,7 @@ def _shard_windows(settings: GenerateSettings, models: list[ModelSpec], seed: in
     store = open_store(uri, storage)
     manifest = read_manifest(store)
     for m in models:
-        model_tok = _tokenizer(m).id
+        model_tok = m.tokenizer.id
         if manifest.get("tokenizer") != model_tok:
             raise MidiforgeError(
                 f"{store.url('manifest.json')}: tokenizer {manifest.get('tokenizer')} differs from the model's "
@@ -286,14 +278,13 @@ class GenerateWorker:
     def __init__(self, models: list[ModelSpec], settings: GenerateSettings, seed: int, dest_uri: str,
                  storage: StorageOptions, batch_size: int, engine: str) -> None:
         from midiforge.model.decode import KerasLSTM, NumpyLSTM
-        from midiforge.music.tokenizers import load_tokenizer
 
         self.settings, self.seed, self.batch_size = settings, seed, batch_size
         self.dest = open_store(dest_uri, storage)
         self.engine_name = engine
         self.models = {}
         for m in models:
-            tok = load_tokenizer(m.tokenizer_json)
+            tok = m.tokenizer
             if engine == "keras":
                 eng = KerasLSTM(m.bundle, batch_size)
             else:
@@ -444,7 +435,7 @@ def run_generate(model_dir: str, dest_uri: str, num_pieces: int, settings: Gener
     # batches of --batch-size pieces, smaller when that leaves a worker idle (tokens do not depend on it)
     chunk_size = max(1, min(batch_size, math.ceil(n_pending / n_workers))) if n_pending else batch_size
     tasks = [(m.label, chunk) for m in models for chunk in _chunks(pending[m.label], chunk_size)]
-    toks = {m.label: (_tokenizer(m), m.qpm_median) for m in models}
+    toks = {m.label: (m.tokenizer, m.qpm_median) for m in models}
 
     def with_primers(task):  # a batch's primers, made when it is sent (a driver never holds N of them)
         label, chunk = task
@@ -476,12 +467,6 @@ def run_generate(model_dir: str, dest_uri: str, num_pieces: int, settings: Gener
                     started=started, run_stats={**stats, "pieces": n_pending, "generate_seconds": gen_seconds,
                                                 "batch_size": batch_size},
                     primer_mapped=plan.mapped, known=shards)
-
-
-def _tokenizer(spec: ModelSpec):
-    from midiforge.music.tokenizers import load_tokenizer
-
-    return load_tokenizer(spec.tokenizer_json)
 
 
 def _progress(total: int, initial: int, enabled: bool):

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from midiforge.errors import MidiforgeError
 from midiforge.storage.cli_options import add_storage_arguments, options_from_args
+from midiforge.storage.manifest import read_json
 from midiforge.storage.store import LocalStore, StorageOptions, Store, open_store
 
 #: Defaults "chosen for the data": vocabularies of a few hundred tokens, corpora from a few
@@ -401,7 +402,7 @@ def run_summary(settings: TrainSettings) -> dict:
     state = inspect_model_dir(store)
     if not state.finished:
         raise MidiforgeError(f"{settings.model_dir}: the run did not finish (no manifest.json)")
-    manifest = _read_json(store, "manifest.json")
+    manifest = read_json(store, "manifest.json", "the train manifest")
     last = next((m for m in reversed(state.metrics) if int(m["epoch"]) == int(manifest["epochs"])), {})
     out = {"model_dir": store.uri, "epochs": manifest["epochs"], "bundle_sha256": manifest["bundle_sha256"],
            "seconds": manifest.get("seconds")}
@@ -434,27 +435,17 @@ class RunState:
 
 
 def inspect_model_dir(store: Store) -> RunState:
-    from midiforge.model.bundle import read_index
+    from midiforge.pipeline.bundles import read_index
 
     objects = [o.path for o in store.list()]
-    run = _read_json(store, RUN) if RUN in objects else None
+    run = read_json(store, RUN, "the run settings") if RUN in objects else None
     finished = False
     if "manifest.json" in objects:
-        finished = _read_json(store, "manifest.json").get("format") == "midiforge-train"
+        finished = read_json(store, "manifest.json", "the train manifest").get("format") == "midiforge-train"
     metrics = _parse_metrics(store.read_bytes(METRICS), store.url(METRICS)) if METRICS in objects else []
     ours = ("bundle/", "checkpoints/", "tensorboard/", f"{BACKUP_PREFIX}/")
     foreign = [p for p in objects if p not in (RUN, METRICS, "manifest.json") and not p.startswith(ours)]
     return RunState(run, finished, read_index(store), metrics, f"{BACKUP_PREFIX}/manifest.json" in objects, foreign)
-
-
-def _read_json(store: Store, rel: str) -> dict:
-    try:
-        value = json.loads(store.read_bytes(rel))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MidiforgeError(f"{store.url(rel)}: not valid JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise MidiforgeError(f"{store.url(rel)}: not a JSON object")
-    return value
 
 
 def _parse_metrics(data: bytes, where: str) -> list[dict]:
@@ -622,7 +613,8 @@ class RunWriter:
                     self.tb_uploaded[str(p)] = p.stat().st_size
 
     def write_checkpoint(self, epoch: int, logs: dict, weights: bytes, optimizer: bytes | None) -> None:
-        from midiforge.model.bundle import INDEX, OPTIMIZER, checkpoint_dir, write_bundle
+        from midiforge.model.bundle import INDEX, OPTIMIZER, checkpoint_dir
+        from midiforge.pipeline.bundles import write_bundle
         from midiforge.storage.manifest import sha256_hex
 
         path = checkpoint_dir(epoch)
@@ -657,7 +649,8 @@ class RunWriter:
 
     # -- the end --
     def finish(self, weights: bytes, seconds: float) -> dict:
-        from midiforge.model.bundle import FINAL_DIR, write_bundle
+        from midiforge.model.bundle import FINAL_DIR
+        from midiforge.pipeline.bundles import write_bundle
         from midiforge.storage.manifest import sha256_hex
 
         epochs = self.settings.epochs
@@ -688,7 +681,7 @@ class RunWriter:
         for o in objects:
             if o.path.endswith("/manifest.json") and (o.path.startswith("bundle/") or o.path.startswith("checkpoints/")):
                 prefix = o.path[: -len("manifest.json")]
-                sub = _read_json(self.store, o.path)
+                sub = read_json(self.store, o.path, "a bundle manifest")
                 for e in sub.get("files", []):
                     known[prefix + e["path"]] = {"path": prefix + e["path"], "bytes": e["bytes"], "sha256": e["sha256"]}
         files = []
@@ -722,7 +715,7 @@ def backup_location(settings: TrainSettings, store: Store, rank: int) -> tuple[s
 
 
 def download_backup(store: Store, local: str) -> None:
-    manifest = _read_json(store, f"{BACKUP_PREFIX}/manifest.json")
+    manifest = read_json(store, f"{BACKUP_PREFIX}/manifest.json", "the backup manifest")
     for e in manifest["files"]:
         store.get_file_verified(f"{BACKUP_PREFIX}/{e['path']}", os.path.join(local, e["path"]), e)
 
@@ -850,7 +843,7 @@ def _run_training(settings: TrainSettings | dict, membership: str | None, keep_m
         from midiforge.model.bundle import OPTIMIZER, WEIGHTS
 
         ck = plan.restore_checkpoint
-        cmanifest = _read_json(store, f"{ck}/manifest.json")
+        cmanifest = read_json(store, f"{ck}/manifest.json", "the checkpoint manifest")
         entries = {e["path"]: e for e in cmanifest["files"]}
         w = store.read_verified(f"{ck}/{WEIGHTS}", entries[WEIGHTS])
         o = store.read_verified(f"{ck}/{OPTIMIZER}", entries[OPTIMIZER]) if OPTIMIZER in entries else None

@@ -5,8 +5,8 @@ Nothing here knows about music.  Every stage opens its input and output with
 :func:`write_manifest`.
 """
 from midiforge.storage.manifest import (
-    check_entry, check_file, file_entry, file_sha256, local_file_entry, manifest_entries, read_manifest,
-    sha256_hex, verify_store, write_manifest,
+    check_entry, check_file, file_entry, file_sha256, local_file_entry, manifest_entries, read_json,
+    read_manifest, sha256_hex, verify_store, write_manifest,
 )
 from midiforge.storage.store import (
     LocalStore, ObjectInfo, Store, StorageOptions, StorageUnavailableError, check_rel, map_parallel, open_store,
@@ -17,5 +17,5 @@ __all__ = [
     "LocalStore", "ObjectInfo", "Store", "StorageOptions", "StorageUnavailableError", "check_rel", "map_parallel",
     "open_store", "split_uri",
     "check_entry", "check_file", "file_entry", "file_sha256", "local_file_entry", "manifest_entries",
-    "read_manifest", "sha256_hex", "verify_store", "write_manifest",
+    "read_json", "read_manifest", "sha256_hex", "verify_store", "write_manifest",
 ]

@@ -92,13 +92,23 @@ def write_manifest(store: Store, manifest: dict, rel: str = MANIFEST) -> bytes:
     return data
 
 
+def read_json(store: Store, rel: str, what: str = "file") -> dict:
+    """The JSON object stored at ``rel``; a MidiforgeError naming the object (and ``what`` it is) when it
+    is missing, not JSON, or not an object."""
+    data = store.read_bytes(rel)
+    try:
+        value = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MidiforgeError(f"{store.url(rel)}: {what} is not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise MidiforgeError(f"{store.url(rel)}: {what} is not a JSON object")
+    return value
+
+
 def read_manifest(store: Store, rel: str = MANIFEST) -> dict:
     if not store.exists(rel):
         raise MidiforgeError(f"{store.url(rel)}: no manifest (the stage did not finish, or this is not a stage output)")
-    try:
-        return json.loads(store.read_bytes(rel))
-    except json.JSONDecodeError as exc:
-        raise MidiforgeError(f"{store.url(rel)}: manifest is not valid JSON ({exc})") from None
+    return read_json(store, rel, "manifest")
 
 
 @dataclass
