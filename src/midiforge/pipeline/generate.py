@@ -113,6 +113,23 @@ def resolve_labels(store, checkpoint: str) -> list[str | int]:
     return out
 
 
+def check_model_dir(model_dir: str, storage: StorageOptions | None) -> None:
+    """A MODEL_DIR that does not exist is named as such (not as a training that has not finished)."""
+    from midiforge.storage import LocalStore
+
+    store = open_store(model_dir, storage)
+    if isinstance(store, LocalStore):
+        if not store.root.exists():
+            raise MidiforgeError(f"{store.uri}: MODEL_DIR does not exist (no such folder)")
+        if not store.root.is_dir():
+            raise MidiforgeError(f"{store.uri}: MODEL_DIR is not a folder (give train's output folder or a "
+                                 f"bundle's folder)")
+        if not any(store.root.iterdir()):
+            raise MidiforgeError(f"{store.uri}: MODEL_DIR is an empty folder (no training output there)")
+    elif not store.list():
+        raise MidiforgeError(f"{store.uri}: MODEL_DIR does not exist (no objects under this prefix)")
+
+
 def load_models(model_dir: str, checkpoint: str, engine: str, storage: StorageOptions | None) -> list[ModelSpec]:
     """Load and verify every bundle ``--checkpoint`` names, reading each bundle's files once.
 
@@ -121,6 +138,7 @@ def load_models(model_dir: str, checkpoint: str, engine: str, storage: StorageOp
     """
     from midiforge.pipeline.bundles import load_bundle
 
+    check_model_dir(model_dir, storage)
     store = open_store(model_dir, storage)
     specs: list[ModelSpec] = []
     for what in resolve_labels(store, checkpoint):
@@ -560,10 +578,13 @@ def _run_ray(args, tasks, with_primers, bar, stats, *, n: int, gpus: float, cpus
             free.append(actor)
             _account(stats, result, bar, t0)
     finally:
-        for ref in running:
-            ray.cancel(ref, force=True)
+        # killing the actors ends their batches (ray.cancel(force=True) refuses actor tasks with a ValueError,
+        # which hid the error that stopped the run)
         for a in actors:
-            ray.kill(a)
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # already dead
+                pass
 
 
 def identical_pieces(small) -> dict[str, int]:
