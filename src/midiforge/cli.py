@@ -49,14 +49,8 @@ def version() -> str:
 
 
 def _modules() -> dict[str, object]:
-    out = {}
-    for name, (modname, _help) in COMMANDS.items():
-        try:
-            out[name] = importlib.import_module(modname)
-        except ModuleNotFoundError as exc:
-            if exc.name != modname:  # a real missing dependency, not a stage not built yet
-                raise
-    return out
+    """Every stage's module: one that cannot be imported fails the command (never a stage left out quietly)."""
+    return {name: importlib.import_module(modname) for name, (modname, _help) in COMMANDS.items()}
 
 
 #: a value argparse would take for an option because it starts with "-": ``-3..3``, ``-2,0,2``

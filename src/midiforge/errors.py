@@ -27,6 +27,14 @@ class MidiforgeError(Exception):
     """An error meant for the user: the message says what and where."""
 
 
+class StorageUnavailableError(MidiforgeError):
+    """The storage service cannot be reached, or refuses the credentials, even after retries.
+
+    It concerns the whole job, not one object: a stage must stop (or retry the task),
+    never record it as the failure of one input file.
+    """
+
+
 class PieceError(MidiforgeError):
     """One input could not become a piece; ``reason`` is one of FAILURE_REASONS."""
 

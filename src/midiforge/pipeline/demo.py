@@ -217,9 +217,23 @@ def format_check(check: dict) -> str:
 # -------------------------------------------------------------------------------------------
 # the run
 # -------------------------------------------------------------------------------------------
-def main(args) -> int:
-    from midiforge.cli import main as cli
+def _stage(name: str, argv: list[str]) -> int:
+    """``midiforge NAME ARGV``: the stage module parses ``argv`` with its own arguments and runs; its
+    error is printed as the CLI prints it (exit code 2).  (pipeline/ does not import the CLI above it.)"""
+    import importlib
 
+    module = importlib.import_module(f"midiforge.pipeline.{name}")
+    parser = argparse.ArgumentParser(prog=f"midiforge {name}")
+    module.add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return int(module.main(args) or 0)
+    except MidiforgeError as exc:
+        print(f"midiforge {name}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def main(args) -> int:
     out = Path(args.out).resolve()
     interactive = sys.stderr.isatty()
     corpus_dir = build_corpus(out, args.chorales, args.workers, progress=interactive)
@@ -227,8 +241,8 @@ def main(args) -> int:
     workers = ["--workers", str(args.workers)] if args.workers else []
     quiet = [] if interactive else ["--no-progress"]
     resume = ["--resume"] if (shards / "_work" / "settings.json").exists() else []
-    code = cli(["preprocess", str(corpus_dir), str(shards), "--split", args.split, "--transpose", args.transpose,
-                *workers, *quiet, *resume])
+    code = _stage("preprocess", [str(corpus_dir), str(shards), "--split", args.split,
+                                 f"--transpose={args.transpose}", *workers, *quiet, *resume])
     if code:
         return code
     manifest = json.loads((shards / "manifest.json").read_text())
@@ -239,19 +253,21 @@ def main(args) -> int:
     if (model / "manifest.json").exists():
         print(f"demo: the model in {model} is finished; delete it to train again")
     else:  # a fresh run, or the same command again after an interruption (it resumes from its backup)
-        code = cli(["train", str(shards), str(model), "--epochs", str(args.epochs),
-                    "--steps-per-epoch", str(args.steps_per_epoch), "--lstm-units", args.lstm_units,
-                    "--embedding-dim", str(args.embedding_dim), "--batch-size", str(args.batch_size),
-                    "--seq-len", str(args.seq_len), "--dropout", str(args.dropout), "--progress", args.progress])
+        code = _stage("train", [
+            str(shards), str(model), "--epochs", str(args.epochs), "--steps-per-epoch", str(args.steps_per_epoch),
+            "--lstm-units", args.lstm_units, "--embedding-dim", str(args.embedding_dim),
+            "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--dropout", str(args.dropout),
+            "--progress", args.progress])
         if code:
             return code
 
     pieces = out / "pieces"
     resume = ["--resume"] if (pieces / "_work" / "settings.json").exists() else []
-    code = cli(["generate", str(model), str(pieces), "--num-pieces", str(args.pieces), "--seed", "0",
-                "--max-tokens", str(args.max_tokens), "--temperature", str(args.temperature),
-                "--top-p", str(args.top_p), "--primer-shards", str(shards), "--primer-split", "validation",
-                "--primer-length", str(args.primer_length), "--piano-roll", *workers, *quiet, *resume])
+    code = _stage("generate", [
+        str(model), str(pieces), "--num-pieces", str(args.pieces), "--seed", "0", "--max-tokens", str(args.max_tokens),
+        "--temperature", str(args.temperature), "--top-p", str(args.top_p), "--primer-shards", str(shards),
+        "--primer-split", "validation", "--primer-length", str(args.primer_length), "--piano-roll",
+        *workers, *quiet, *resume])
     if code:
         return code
     print(f"demo: {args.pieces} MIDI files in {pieces}/midi/final/ (tokens, metrics and MIDI bytes in the "

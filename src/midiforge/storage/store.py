@@ -14,16 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, NamedTuple, Protocol, TypeVar
 from urllib.parse import urlsplit
 
-from midiforge.errors import MidiforgeError
+from midiforge.errors import MidiforgeError, StorageUnavailableError  # noqa: F401 (re-exported)
 from midiforge.storage.manifest import check_entry, check_file
-
-
-class StorageUnavailableError(MidiforgeError):
-    """The storage service cannot be reached, or refuses the credentials, even after retries.
-
-    It concerns the whole job, not one object: a stage must stop (or retry the task),
-    never record it as the failure of one input file.
-    """
 
 
 T = TypeVar("T")
