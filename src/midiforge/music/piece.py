@@ -6,7 +6,7 @@ quarter notes, plus the few global facts the tokenizers need.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -44,7 +44,6 @@ class Piece:
     qpm: float = DEFAULT_QPM
     time_signature: tuple[int, int] = (4, 4)
     seconds: float = 0.0
-    meta: dict = field(default_factory=dict)
     track: np.ndarray | None = None  # source track (MIDI) or part (score) index of each note
 
     @classmethod
@@ -81,7 +80,7 @@ class Piece:
     def select(self, mask: np.ndarray) -> "Piece":
         return Piece(
             self.pitch[mask], self.start[mask], self.duration[mask], self.velocity[mask],
-            self.program[mask], self.qpm, self.time_signature, self.seconds, dict(self.meta),
+            self.program[mask], self.qpm, self.time_signature, self.seconds,
             None if self.track is None else self.track[mask],
         )
 
@@ -95,7 +94,7 @@ class Piece:
             return None
         return Piece(
             moved.astype(np.int16), self.start, self.duration, self.velocity, self.program,
-            self.qpm, self.time_signature, self.seconds, dict(self.meta), self.track,
+            self.qpm, self.time_signature, self.seconds, self.track,
         )
 
 
@@ -134,7 +133,7 @@ class PieceBatch:
         num, den = self.time_signature[i]
         return Piece(self.pitch[a:b], self.start[a:b], self.duration[a:b], self.velocity[a:b],
                      self.program[a:b], float(self.qpm[i]), (int(num), int(den)), float(self.seconds[i]),
-                     {}, self.track[a:b])
+                     self.track[a:b])
 
     def pieces(self) -> list[Piece]:
         return [self.piece(i) for i in range(len(self))]

@@ -2,8 +2,7 @@
 reading of MIDI and for score formats (ABC, MusicXML, Humdrum **kern).
 
 Pure functions over bytes: no storage, no Ray.  Every failure of one input is a
-:class:`~midiforge.errors.PieceError` with a reason from FAILURE_REASONS; :data:`READ_ERRORS`
-is the one tuple of exceptions a loader may raise for a bad file.
+:class:`~midiforge.errors.PieceError` with a reason from FAILURE_REASONS.
 """
 from __future__ import annotations
 
@@ -20,8 +19,6 @@ try:  # the compiled bulk step of read_midi_batch (optional: the Python code doe
     from midiforge.music import _midi as _native_midi
 except ImportError:  # not built (no C compiler when installed)
     _native_midi = None
-
-READ_ERRORS = (PieceError,)
 
 MIDI_SUFFIXES = (".mid", ".midi")
 SCORE_SUFFIXES = {".abc": "abc", ".xml": "musicxml", ".musicxml": "musicxml", ".mxl": "mxl", ".krn": "humdrum"}
