@@ -16,24 +16,28 @@ from pathlib import Path
 from midiforge.errors import MidiforgeError
 
 #: The demo's settings; each is a flag of ``midiforge demo`` (the test runs the same code path with
-#: tiny values).  The model: what trains in a few minutes on 2 CPU cores and beats the 5-gram on the
-#: held-out chorales.  The sampling: a primer from the held-out chorales (a key and a texture to
-#: continue), nucleus sampling slightly sharper than the model's distribution.
+#: tiny values).  The model: one LSTM layer of 384 trained on 5.2 M targets (16 x 40 steps of 64 x 128
+#: tokens), what 2 CPU cores do in several minutes; it beats the 5-gram on the held-out chorales from
+#: about epoch 12, and its pieces stay in key (pitch-class entropy, scale consistency) from about
+#: epoch 16.  The sampling: a primer from the held-out chorales (a key and a texture to continue),
+#: nucleus sampling sharper than the model's distribution (at temperature 0.9, top-p 0.9 the pieces
+#: wander through the keys).
 DEFAULTS = {
     "chorales": 120,
     "split": "0.8,0.1,0.1",
     "transpose": "-3..3",
-    "epochs": 12,
-    "steps_per_epoch": 100,
-    "lstm_units": "256,256",
+    "epochs": 16,
+    "steps_per_epoch": 40,
+    "lstm_units": "384",
     "embedding_dim": 64,
-    "batch_size": 32,
+    "batch_size": 64,
     "seq_len": 128,
-    "dropout": 0.2,
+    "dropout": 0.1,
+    "learning_rate": 0.003,
     "pieces": 16,
     "max_tokens": 512,
-    "temperature": 0.9,
-    "top_p": 0.9,
+    "temperature": 0.7,
+    "top_p": 0.8,
     "primer_length": 64,
 }
 
@@ -59,13 +63,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--batch-size", type=int, default=d["batch_size"], help="training batch (default: %(default)s)")
     t.add_argument("--seq-len", type=int, default=d["seq_len"], help="training window (default: %(default)s)")
     t.add_argument("--dropout", type=float, default=d["dropout"], help="dropout after each LSTM (default: %(default)s)")
+    t.add_argument("--learning-rate", type=float, default=d["learning_rate"],
+                   help="Adam learning rate (default: %(default)s)")
     t.add_argument("--progress", choices=("auto", "bar", "epoch", "none"), default="auto",
                    help="training progress (default: auto, a bar of steps on a terminal)")
     g = p.add_argument_group("generation")
     g.add_argument("--pieces", type=int, default=d["pieces"], help="pieces to generate (default: %(default)s)")
     g.add_argument("--max-tokens", type=int, default=d["max_tokens"],
                    help="generated tokens per piece (default: %(default)s)")
-    g.add_argument("--temperature", type=float, default=d["temperature"], help="(default: %(default)s)")
+    g.add_argument("--temperature", type=float, default=d["temperature"], help="sampling temperature (default: %(default)s)")
     g.add_argument("--top-p", type=float, default=d["top_p"], help="nucleus sampling (default: %(default)s)")
     g.add_argument("--primer-length", type=int, default=d["primer_length"],
                    help="tokens of a held-out (validation) chorale each piece starts from (default: %(default)s)")
@@ -257,7 +263,7 @@ def main(args) -> int:
             str(shards), str(model), "--epochs", str(args.epochs), "--steps-per-epoch", str(args.steps_per_epoch),
             "--lstm-units", args.lstm_units, "--embedding-dim", str(args.embedding_dim),
             "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--dropout", str(args.dropout),
-            "--progress", args.progress])
+            "--learning-rate", str(args.learning_rate), "--progress", args.progress])
         if code:
             return code
 
