@@ -670,7 +670,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_dir", metavar="MODEL_DIR",
                    help="training output (or one bundle's directory): local, file:// or s3://")
     p.add_argument("dest", metavar="DEST", help="output folder or s3:// prefix")
-    p.add_argument("--num-pieces", "-n", type=int, required=True, metavar="N", help="pieces to write")
+    p.add_argument("--num-pieces", "-n", type=int, required=True, metavar="N", help="pieces to write (required)")
     m = p.add_argument_group("model")
     m.add_argument("--checkpoint", default="final", metavar="WHICH",
                    help="final (default: the final bundle), best, latest, an epoch number, or all "
@@ -681,26 +681,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = SamplingSettings()
     s = p.add_argument_group("sampling")
     s.add_argument("--temperature", type=float, default=d.temperature, help="> 0 (default 1)")
-    s.add_argument("--top-k", type=int, default=d.top_k, help="keep the k most likely tokens (0: off)")
-    s.add_argument("--top-p", type=float, default=d.top_p, help="nucleus: keep tokens up to this mass (1: off)")
+    s.add_argument("--top-k", type=int, default=d.top_k, help="keep the k most likely tokens (0: off; default %(default)s)")
+    s.add_argument("--top-p", type=float, default=d.top_p, help="nucleus: keep tokens up to this mass (1: off; default %(default)s)")
     s.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
-                   help="CTRL penalty >= 1 on tokens of the last --repetition-window tokens (1: off)")
-    s.add_argument("--repetition-window", type=int, default=d.repetition_window, metavar="W")
-    s.add_argument("--greedy", action="store_true", help="always the most likely token (the tutorial's argmax)")
+                   help="CTRL penalty >= 1 on tokens of the last --repetition-window tokens (1: off; default %(default)s)")
+    s.add_argument("--repetition-window", type=int, default=d.repetition_window, metavar="W",
+                   help="tokens the repetition penalty looks back at (default %(default)s)")
+    s.add_argument("--greedy", action="store_true", help="always the most likely token (the tutorial's argmax; without --primer-shards every piece is the same; "
+                        "default: sampling)")
     s.add_argument("--max-tokens", type=int, default=Limits.max_tokens,
                    help="generated tokens per piece, primer not counted (default %(default)s)")
-    s.add_argument("--max-seconds", type=float, default=None, help="stop a piece once its music lasts this long")
+    s.add_argument("--max-seconds", type=float, default=None, help="stop a piece once its music lasts this many seconds (default: no limit)")
     g = p.add_argument_group("seeds, primers, tempo")
     g.add_argument("--seed", type=int, default=None,
                    help="run seed; piece i draws from its own generator seeded by (seed, i) (default: random, "
                         "recorded in the manifest)")
     pr = g.add_mutually_exclusive_group()
-    pr.add_argument("--primer-midi", metavar="FILE", help="start every piece from this MIDI file's tokens")
+    pr.add_argument("--primer-midi", metavar="FILE", help="start every piece from this MIDI file's tokens (default: no primer)")
     pr.add_argument("--primer-shards", metavar="DIR",
                     help="start each piece from a random window of a piece in this preprocess output "
                          "(the tutorial's way); default: no primer, pieces start at BOS")
     g.add_argument("--primer-length", type=int, default=100, help="--primer-shards window (default 100)")
-    g.add_argument("--primer-split", default="train", choices=("train", "validation", "test"))
+    g.add_argument("--primer-split", default="train", choices=("train", "validation", "test"),
+                   help="the split of --primer-shards the windows come from (default: %(default)s)")
     g.add_argument("--qpm", type=float, default=None,
                    help="tempo (default: the primer's, else the corpus median recorded by preprocess)")
     g.add_argument("--piano-roll", action="store_true", help="also make a piano-roll PNG per piece")
@@ -718,16 +721,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="pieces decoded together by a worker (default 256; smaller when N would leave workers idle)")
     x.add_argument("--workers", type=int, default=None,
                    help="Ray actors (default: as many as the cluster's CPUs or GPUs allow; 0: no Ray)")
-    x.add_argument("--cpus-per-worker", type=float, default=1.0)
+    x.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs Ray reserves per actor (default %(default)s)")
     x.add_argument("--num-gpus-per-worker", type=float, default=0.0,
-                   help="GPUs per actor on a GPU cluster (selects the keras engine)")
+                   help="GPUs per actor on a GPU cluster (selects the keras engine; default %(default)s)")
     x.add_argument("--address", help="Ray cluster address HEAD:PORT (default: RAY_ADDRESS, else a private local Ray "
                                       "on 127.0.0.1)")
     x.add_argument("--cluster", choices=("none", "slurm"), default="none",
                    help="slurm: start a Ray cluster across this Slurm job's nodes for the run and stop it after "
                         "(run inside sbatch: slurm/generate.sbatch); default none")
     x.add_argument("--resume", action="store_true", help="make only the pieces DEST does not have yet")
-    x.add_argument("--no-progress", action="store_true")
+    x.add_argument("--no-progress", action="store_true", help="no progress bar (default: a bar on stderr)")
     from midiforge.storage.cli_options import add_storage_arguments
 
     add_storage_arguments(p)

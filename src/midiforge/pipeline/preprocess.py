@@ -833,29 +833,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", metavar="SRC", help="folder or s3:// prefix (searched recursively), or a text file listing paths")
     p.add_argument("dest", metavar="DEST", help="output folder or s3:// prefix")
     g = p.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer", choices=("events", "classic"), default="events")
+    g.add_argument("--tokenizer", choices=("events", "classic"), default="events",
+                   help="events: note events, a vocabulary fixed by its settings; classic: the tutorial's one token "
+                        "per onset, the vocabulary from the data (default: %(default)s)")
     d = EventsConfig()
-    g.add_argument("--steps-per-quarter", type=int, default=d.steps_per_quarter, help="events: onset grid")
-    g.add_argument("--max-shift-steps", type=int, default=d.max_shift_steps)
-    g.add_argument("--max-duration-steps", type=int, default=d.max_duration_steps)
-    g.add_argument("--velocity-bins", type=int, default=d.velocity_bins, help="events: 0 turns velocity off")
-    g.add_argument("--tempo-bins", type=int, default=d.tempo_bins, help="events: 0 turns the tempo token off")
+    g.add_argument("--steps-per-quarter", type=int, default=d.steps_per_quarter, help="events: onset grid, steps per quarter note (default: %(default)s)")
+    g.add_argument("--max-shift-steps", type=int, default=d.max_shift_steps,
+                   help="events: longest TIME_SHIFT in grid steps; longer rests chain several (default: %(default)s)")
+    g.add_argument("--max-duration-steps", type=int, default=d.max_duration_steps,
+                   help="events: longest DURATION in grid steps; longer notes are clipped (default: %(default)s)")
+    g.add_argument("--velocity-bins", type=int, default=d.velocity_bins, help="events: velocity bins, 0 turns velocity off (default: %(default)s)")
+    g.add_argument("--tempo-bins", type=int, default=d.tempo_bins, help="events: tempo bins, 0 turns the tempo token off (default: %(default)s)")
     g.add_argument("--programs", action="store_true", help="events: keep instruments apart (PROGRAM tokens)")
     g.add_argument("--bars", action="store_true", help="events: BAR tokens")
     g.add_argument("--drums", action="store_true", help="keep drum tracks (dropped by default)")
     r = p.add_argument_group("reading")
-    r.add_argument("--parser", choices=("symusic", "music21"), default="symusic", help="for MIDI files")
+    r.add_argument("--parser", choices=("symusic", "music21"), default="symusic", help="the reader of MIDI files (default: %(default)s; music21 is ~1,000x slower)")
     r.add_argument("--tracks", choices=("all", "first"), default="all",
-                   help="all: merge all tracks (piano reduction); first: the first instrument, like the tutorial")
-    r.add_argument("--max-notes", type=int, default=ReadOptions.max_notes, help="longer files fail as too_long")
-    r.add_argument("--max-quarters", type=float, default=ReadOptions.max_quarters)
-    r.add_argument("--max-bytes", type=int, default=ReadOptions.max_bytes)
+                   help="all: merge all tracks (piano reduction); first: the first instrument, like the tutorial (default: %(default)s)")
+    r.add_argument("--max-notes", type=int, default=ReadOptions.max_notes, help="files with more notes fail as too_long (default: %(default)s)")
+    r.add_argument("--max-quarters", type=float, default=ReadOptions.max_quarters,
+                   help="longer pieces (in quarter notes) fail as too_long (default: %(default)s)")
+    r.add_argument("--max-bytes", type=int, default=ReadOptions.max_bytes,
+                   help="larger files fail as too_long, unread (default: %(default)s)")
     s = p.add_argument_group("corpus")
-    s.add_argument("--split", type=_ratios, default=(0.9, 0.05, 0.05), metavar="TRAIN,VAL,TEST")
+    s.add_argument("--split", type=_ratios, default=(0.9, 0.05, 0.05), metavar="TRAIN,VAL,TEST",
+                   help="shares of the train/validation/test splits, each piece's by its sha256 (default: 0.9,0.05,0.05)")
     s.add_argument("--transpose", type=_int_range, default=(), metavar="A..B",
-                   help="also write train pieces transposed by each of these semitones")
-    s.add_argument("--sample", type=int, help="take a reproducible random subset of N files")
-    s.add_argument("--seed", type=int, default=0)
+                   help="also write train pieces transposed by each of these semitones, e.g. -3..3 (default: none)")
+    s.add_argument("--sample", type=int, help="take a reproducible random subset of N files (default: all)")
+    s.add_argument("--seed", type=int, default=0, help="the seed of --sample (default: %(default)s)")
     x = p.add_argument_group("execution")
     x.add_argument("--resume", action="store_true", help="continue a run in DEST, skipping inputs already done")
     x.add_argument("--address", help="Ray cluster address HEAD:PORT (default: RAY_ADDRESS, else a private local Ray "
@@ -865,7 +872,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(run inside sbatch: slurm/preprocess.sbatch); default none")
     x.add_argument("--workers", type=int, help="parallel tasks (default: every CPU of the cluster)")
     x.add_argument("--batch-files", type=int, help="files per Ray task (default: automatic)")
-    x.add_argument("--no-progress", action="store_true")
+    x.add_argument("--no-progress", action="store_true", help="no progress bar (default: a bar on stderr)")
     from midiforge.storage.cli_options import add_storage_arguments
 
     add_storage_arguments(p)
