@@ -150,7 +150,8 @@ def warm_workers(files: list[str], settings, workers: int) -> None:
         listing = os.path.join(dest, "files.txt")
         with open(listing, "w", encoding="utf-8") as fh:
             fh.write("\n".join(files[:workers]) + "\n")
-        run_preprocess(listing, os.path.join(dest, "out"), settings, workers=workers, batch_files=1, progress=False)
+        run_preprocess(listing, os.path.join(dest, "out"), settings, workers=workers, batch_files=1, progress=False,
+                       allow_absolute_paths=True)  # the list names the corpus's files by absolute path
     finally:
         shutil.rmtree(dest, ignore_errors=True)
 
@@ -162,7 +163,8 @@ def end_to_end(src: str, settings, workers: int) -> dict:
     dest = tempfile.mkdtemp(prefix="mf-bench-e2e-")
     try:
         t = time.perf_counter()
-        m = run_preprocess(src, os.path.join(dest, "out"), settings, workers=workers, progress=False)
+        m = run_preprocess(src, os.path.join(dest, "out"), settings, workers=workers, progress=False,
+                           allow_absolute_paths=True)
         seconds = time.perf_counter() - t
     finally:
         shutil.rmtree(dest, ignore_errors=True)
@@ -428,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
             warm = tempfile.mkdtemp(prefix="mf-bench-warm-")
             t = time.perf_counter()
             try:  # workers started, modules imported: not part of the figures
-                run_preprocess(src, os.path.join(warm, "out"), settings, workers=max(counts), progress=False)
+                run_preprocess(src, os.path.join(warm, "out"), settings, workers=max(counts), progress=False,
+                               allow_absolute_paths=True)
             finally:
                 shutil.rmtree(warm, ignore_errors=True)
             result["end_to_end"] = {"ray_start_seconds": round(ray_start, 3),

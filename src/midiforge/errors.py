@@ -18,6 +18,7 @@ FAILURE_REASONS: dict[str, str] = {
     "unsupported": "a valid file using something midiforge does not read (e.g. SMPTE time division)",
     "parser_error": "the parser raised an unexpected error; the detail column has it",
     "read_error": "the file could not be read from storage",
+    "not_regular": "a local path that is not a regular file (FIFO, device, socket, folder, link loop or to nothing); never read",
     "parser_crash": "the process reading the file died (a native crash, or killed for memory) each time it was read",
     "timeout": "reading the file took longer than --file-timeout seconds",
 }

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from midiforge.errors import MidiforgeError
+from midiforge.errors import MidiforgeError, PieceError
 from midiforge.music.piece import PieceBatch
 from midiforge.music.readers import SUFFIXES, ReadOptions, file_format, read_pieces, split_units
 from midiforge.music.tokenizers import EventsConfig, make_tokenizer
@@ -85,33 +85,79 @@ def split_of(piece_id: str, ratios: tuple[float, float, float]) -> str:
 # -------------------------------------------------------------------------------------------
 # listing
 # -------------------------------------------------------------------------------------------
-def list_inputs(src: str, options: StorageOptions | None = None) -> list[InputRef]:
-    """Every input under SRC (a folder or prefix, searched recursively), or listed in a text file."""
+def list_inputs(src: str, options: StorageOptions | None = None, *,
+                allow_absolute_paths: bool = False) -> list[InputRef]:
+    """Every input under SRC (a folder or prefix, searched recursively), or listed in a text file.
+
+    A local folder's entries that are not regular files (FIFOs, devices, sockets, link loops) are
+    listed too (size -1): the batch that reads them records the failure ``not_regular``.  A list
+    file names files relative to its own folder, see :func:`_list_file`.
+    """
     scheme, where = split_uri(src)
     if scheme == "file" and os.path.isfile(where):
-        return _list_file(where)
+        return _list_file(where, allow_absolute_paths)
     if scheme == "file" and not os.path.isdir(where):
         raise MidiforgeError(f"{src}: no such folder or list file")
     store = open_store(src, options)
-    refs = [InputRef(o.path, store.uri, o.path, o.size) for o in store.list() if o.path.lower().endswith(SUFFIXES)
+    listed = store.list(special=True) if scheme == "file" else store.list()  # S3 objects are always regular
+    refs = [InputRef(o.path, store.uri, o.path, o.size) for o in listed if o.path.lower().endswith(SUFFIXES)
             and not o.path.split("/")[-1].startswith(".")]
     return sorted(refs, key=lambda r: r.source)
 
 
-def _list_file(path: str) -> list[InputRef]:
+def src_uri(src: str) -> str:
+    """SRC as one comparable string: ``file://`` + the real path (links resolved, no trailing '/'), or the
+    ``s3://bucket/prefix`` without a trailing '/'."""
+    scheme, where = split_uri(src)
+    if scheme == "file":
+        return "file://" + os.path.realpath(where)
+    return where.rstrip("/")
+
+
+def _utc(t: float) -> str:
+    import datetime as _dt
+
+    return _dt.datetime.fromtimestamp(t, _dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _list_file(path: str, allow_absolute_paths: bool = False) -> list[InputRef]:
+    """The inputs a list file names, one per line (blank lines and ``#`` comments skipped).
+
+    Each is a path relative to the list's folder and must stay inside it once resolved (``..`` and
+    symbolic links included); an absolute path, a ``file://`` or ``s3://`` URI, or an escape is refused
+    with an error naming the line, unless ``allow_absolute_paths``.  Entries are read as resolved
+    here (a link swapped afterwards cannot lead outside).
+    """
     base = os.path.dirname(os.path.abspath(path))
+    real_base = os.path.realpath(base)
     refs = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            scheme, where = split_uri(line if "://" in line or os.path.isabs(line) else os.path.join(base, line))
-            if scheme == "file":
-                refs.append(InputRef(line, os.path.dirname(where), os.path.basename(where)))
-            else:
-                bucket_prefix, _, key = where[len("s3://"):].rpartition("/")
-                refs.append(InputRef(line, f"s3://{bucket_prefix}", key))
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except UnicodeDecodeError as exc:
+        raise MidiforgeError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); a list file "
+                             f"names one path per line") from None
+    for n, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if "\0" in line:
+            raise MidiforgeError(f"{path}:{n}: a NUL character in {line!r}")
+        absolute = "://" in line or os.path.isabs(line)
+        if absolute and not allow_absolute_paths:
+            raise MidiforgeError(f"{path}:{n}: {line!r} is an absolute path or URI; a list file names files "
+                                 f"relative to its folder {base} (--allow-absolute-paths reads it anyway)")
+        scheme, where = split_uri(line if absolute else os.path.join(base, line))
+        if scheme == "file":
+            if not allow_absolute_paths:
+                where = os.path.realpath(where)
+                if os.path.commonpath([where, real_base]) != real_base:
+                    raise MidiforgeError(f"{path}:{n}: {line!r} leads outside the list's folder {base} (to {where}); "
+                                         f"--allow-absolute-paths reads it anyway")
+            refs.append(InputRef(line, os.path.dirname(where), os.path.basename(where)))
+        else:
+            bucket_prefix, _, key = where[len("s3://"):].rpartition("/")
+            refs.append(InputRef(line, f"s3://{bucket_prefix}", key))
     seen = set()
     unique = [r for r in refs if not (r.source in seen or seen.add(r.source))]
     return sorted(unique, key=lambda r: r.source)
@@ -160,6 +206,9 @@ def process_batch(part: int, inputs: list[InputRef], dest_uri: str, storage: Sto
             data = store.read_bytes(ref.key)
         except StorageUnavailableError:  # the service is down (after retries): the task fails, no file is blamed
             raise
+        except PieceError as exc:  # e.g. not_regular: a FIFO, a device, a link loop; never read
+            entries.append([ref.source, ref.source, "", "failure", exc.reason, exc.detail])
+            continue
         except Exception as exc:  # any storage failure: recorded as read_error, the job goes on
             entries.append([ref.source, ref.source, "", "failure", "read_error", f"{type(exc).__name__}: {exc}"])
             continue
@@ -473,8 +522,15 @@ def _journal_parts(dest) -> dict[int, str]:
 
 def run_preprocess(src: str, dest_uri: str, settings: PreprocessSettings, *, resume: bool = False,
                    workers: int | None = None, batch_files: int | None = None, address: str | None = None,
-                   storage: StorageOptions | None = None, progress: bool = True) -> dict:
-    """The whole stage; returns the manifest it wrote."""
+                   storage: StorageOptions | None = None, progress: bool = True, add_inputs: bool = False,
+                   allow_absolute_paths: bool = False, allow_empty: bool = False) -> dict:
+    """The whole stage; returns the manifest it wrote.
+
+    ``resume`` continues the run in DEST from the same SRC (compared as a normalized URI, see
+    :func:`src_uri`); ``add_inputs`` (implies ``resume``) adds another SRC's inputs to it deliberately,
+    recorded in the manifest's ``sources``.  ``allow_absolute_paths``: a list file may name files outside
+    its folder.  ``allow_empty``: an SRC without inputs makes an empty run instead of an error.
+    """
     import ray
 
     storage = storage or StorageOptions()
@@ -485,9 +541,16 @@ def run_preprocess(src: str, dest_uri: str, settings: PreprocessSettings, *, res
     if abs(sum(settings.splits) - 1.0) > 1e-6 or min(settings.splits) < 0:
         raise MidiforgeError(f"--split ratios must be >= 0 and sum to 1, got {settings.splits}")
 
-    refs = sample_inputs(list_inputs(src, storage), settings.sample, settings.seed)
+    refs = sample_inputs(list_inputs(src, storage, allow_absolute_paths=allow_absolute_paths), settings.sample,
+                         settings.seed)
+    if not refs and not allow_empty:
+        raise MidiforgeError(f"{src}: no input files (a folder is searched for {'/'.join(SUFFIXES)}; a list file "
+                             f"names them); nothing to do. --allow-empty makes an empty run")
     clock.lap("listing")
-    settings_doc = {"src": src, "settings": settings.identity()}
+    resume = resume or add_inputs
+    this_src = src_uri(src)
+    sources = [{"src": this_src, "added": _utc(started)}]  # the SRCs this run's inputs come from
+    settings_doc = {"src": src, "settings": settings.identity(), "sources": sources}
     existing = dest.exists(f"{WORK}/settings.json") or dest.exists("manifest.json")
     if existing and not resume:
         raise MidiforgeError(f"{dest.uri}: already holds a preprocess run; pass --resume to continue it, or use a new DEST")
@@ -496,6 +559,12 @@ def run_preprocess(src: str, dest_uri: str, settings: PreprocessSettings, *, res
         if saved["settings"] != settings_doc["settings"]:
             raise MidiforgeError(f"{dest.uri}: --resume with different settings than the run it continues "
                                  f"(was {saved['settings']})")
+        # a run from before sources were recorded: its SRC as given (a relative path: from here)
+        sources = saved.get("sources") or [{"src": src_uri(saved["src"]), "added": None}]
+        if this_src not in {s["src"] for s in sources} and not add_inputs:
+            raise MidiforgeError(f"{dest.uri}: --resume from SRC {this_src}, but this run's inputs come from "
+                                 f"{', '.join(s['src'] for s in sources)}; resume with that SRC, use a new DEST, "
+                                 f"or pass --add-inputs to add {this_src}'s inputs to this run deliberately")
     else:
         dest.write_bytes(f"{WORK}/settings.json", json.dumps(settings_doc, indent=1).encode())
 
@@ -504,6 +573,13 @@ def run_preprocess(src: str, dest_uri: str, settings: PreprocessSettings, *, res
     done: set[str] = set()
     for journal in earlier.values():
         done.update(journal["input"])
+    if this_src not in {s["src"] for s in sources}:  # --add-inputs: a new SRC joins the run
+        clash = sorted(done.intersection(r.source for r in refs))
+        if clash:  # sources are relative to their SRC: the same name would be taken for the same input
+            raise MidiforgeError(f"{src}: --add-inputs: {len(clash)} inputs have the names of inputs already in "
+                                 f"the run (for example {clash[:3]}); rename them or use a new DEST")
+        sources = [*sources, {"src": this_src, "added": _utc(started)}]
+        dest.write_bytes(f"{WORK}/settings.json", json.dumps({**saved, "sources": sources}, indent=1).encode())
     # piece tables without a journal are leftovers of a killed batch: their inputs run again
     for prefix, folder in (("part-", "shards/"), ("raw-", f"{WORK}/")):
         for o in dest.list(folder):
@@ -597,7 +673,7 @@ def run_preprocess(src: str, dest_uri: str, settings: PreprocessSettings, *, res
     else:
         known, known_journals = {}, earlier
     return finalize(dest, settings, src_count=len(refs), started=started, known=known, known_journals=known_journals,
-                    clock=clock, expected_inputs={r.source for r in refs})
+                    clock=clock, expected_inputs={r.source for r in refs}, sources=sources)
 
 
 class _Placement:
@@ -665,7 +741,8 @@ def _progress(total: int, initial: int, enabled: bool):
 
 def finalize(dest, settings: PreprocessSettings, *, src_count: int, started: float,
              known: dict[int, dict] | None = None, known_journals: dict[int, dict] | None = None,
-             clock: _Clock | None = None, expected_inputs: set[str] | None = None) -> dict:
+             clock: _Clock | None = None, expected_inputs: set[str] | None = None,
+             sources: list[dict] | None = None) -> dict:
     """Resolve duplicates across batches, build the classic vocabulary, write the outputs and the manifest.
 
     ``known`` maps a part to what its task reported of the shard it wrote ({path, rows, bytes, sha256,
@@ -790,6 +867,8 @@ def finalize(dest, settings: PreprocessSettings, *, src_count: int, started: flo
         "tokenizer_kind": tok.kind,
         "vocab_size": tok.vocab_size,
         "settings": settings.identity(),
+        # the SRCs of the run's inputs ({src: normalized URI, added: UTC time}), more than one with --add-inputs
+        **({"sources": sources} if sources else {}),
         "shards": shards,
         "files": files,
         "seconds": round(elapsed, 3),
@@ -864,7 +943,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--sample", type=int, help="take a reproducible random subset of N files (default: all)")
     s.add_argument("--seed", type=int, default=0, help="the seed of --sample (default: %(default)s)")
     x = p.add_argument_group("execution")
-    x.add_argument("--resume", action="store_true", help="continue a run in DEST, skipping inputs already done")
+    x.add_argument("--resume", action="store_true", help="continue a run in DEST, skipping inputs already done "
+                                                           "(from the same SRC: another SRC is refused)")
+    x.add_argument("--add-inputs", action="store_true",
+                   help="add SRC's inputs to the run in DEST although it was made from another SRC (implies "
+                        "--resume; the manifest's sources records each SRC and when it was added)")
+    x.add_argument("--allow-absolute-paths", action="store_true",
+                   help="a list file may name absolute paths, URIs and paths leading outside its folder")
+    x.add_argument("--allow-empty", action="store_true", help="an SRC without input files makes an empty run "
+                                                               "(default: an error)")
     x.add_argument("--address", help="Ray cluster address HEAD:PORT (default: RAY_ADDRESS, else a private local Ray "
                                       "on 127.0.0.1)")
     x.add_argument("--cluster", choices=("none", "slurm"), default="none",
@@ -899,9 +986,13 @@ def main(args) -> int:
     settings = settings_from_args(args)
     manifest = run_with_cluster(args.cluster, args.address, lambda address: run_preprocess(
         args.src, args.dest, settings, resume=args.resume, workers=args.workers, batch_files=args.batch_files,
-        address=address, storage=options_from_args(args), progress=not args.no_progress))
+        address=address, storage=options_from_args(args), progress=not args.no_progress, add_inputs=args.add_inputs,
+        allow_absolute_paths=args.allow_absolute_paths, allow_empty=args.allow_empty))
     shown = ("inputs", "pieces", "duplicates", "failures", "failure_reasons", "rows", "tokens", "tokenizer", "seconds",
              "files_per_second", "timing")  # timing: not in the manifest of a run from before it existed
     print(json.dumps({k: manifest[k] for k in shown if k in manifest}))
-    print(f"shards: {open_store(args.dest).url('shards/')}")
+    if manifest.get("shards"):
+        print(f"shards: {open_store(args.dest).url('shards/')}")
+    else:  # no folder to name
+        print(f"shards: none (no {'pieces' if manifest.get('inputs') else 'inputs'})")
     return 0
