@@ -510,6 +510,15 @@ def plan_run(settings: TrainSettings, tokenizer, state: RunState, model_dir: str
             f"MODEL_DIR, or preprocess with the model's tokenizer.json")
     if cfg.vocab_size != tokenizer.vocab_size:
         raise MidiforgeError(f"{model_dir}: model vocab_size {cfg.vocab_size} != the shards' {tokenizer.vocab_size}")
+    # the data a run continues on is the data it was trained on: the shards' manifest.json, by its sha256 (the same
+    # shards at another URI, e.g. copied to S3, are the same data; other data would make the run's metrics and
+    # checkpoints a mix of two corpora)
+    before = run.get("shards_manifest_sha256")
+    if shards_sha256 and before and shards_sha256 != before:
+        raise MidiforgeError(
+            f"{model_dir}: the run was trained on the shards {run.get('shards')} (manifest sha256 {before[:12]}), "
+            f"not {settings.shards} (manifest sha256 {shards_sha256[:12]}); a run continues only on its own shards "
+            f"(the same shards at another URI are accepted). Train on these in another MODEL_DIR")
     for key in MODEL_KEYS:
         if key in settings.explicit and getattr(cfg, key) != getattr(settings, key):
             raise MidiforgeError(f"{model_dir}: holds a model with {key}={getattr(cfg, key)}, you asked for "
