@@ -584,14 +584,17 @@ def read_pieces(units: list[tuple[str, bytes]], options: ReadOptions = ReadOptio
 #: reading process): MIDIFORGE_TEST_CRASH_ON=<substring> makes read_pieces send SIGSEGV to its own process
 #: when a unit's source contains the substring (a real native crash of a Ray worker, as a parser bug in C
 #: would cause), MIDIFORGE_TEST_HANG_ON=<substring> makes it sleep forever on such a unit (a parser that
-#: never returns).  tests/test_preprocess_faults.py uses them; nothing else may.
-_FAULT_ENV = ("MIDIFORGE_TEST_CRASH_ON", "MIDIFORGE_TEST_HANG_ON")
+#: never returns), MIDIFORGE_TEST_SLOW_SECONDS=<s> makes every call sleep s seconds first (a slow batch: a
+#: window in which a test kills the driver while its workers still run).  tests/test_preprocess_faults.py
+#: uses them; nothing else may.
+_FAULT_ENV = ("MIDIFORGE_TEST_CRASH_ON", "MIDIFORGE_TEST_HANG_ON", "MIDIFORGE_TEST_SLOW_SECONDS")
 
 
 def _inject_faults(units: list[tuple[str, bytes]]) -> None:
     import signal
     import time
 
+    time.sleep(float(os.environ.get("MIDIFORGE_TEST_SLOW_SECONDS") or 0))
     crash, hang = os.environ.get("MIDIFORGE_TEST_CRASH_ON"), os.environ.get("MIDIFORGE_TEST_HANG_ON")
     for src, _data in units:
         if crash and crash in src:
