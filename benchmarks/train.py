@@ -51,10 +51,7 @@ def load() -> list[float]:
 
 
 def stream(shards, split: str) -> np.ndarray:
-    from midiforge.model.data import token_batches
-
-    paths = [f.local for f in shards.with_split(split)]
-    return np.concatenate(list(token_batches(paths, split, None)))
+    return np.concatenate(list(shards.reader(split)(None)))
 
 
 class Clock:
@@ -145,10 +142,10 @@ class Midiforge:
         self.model = compile_model(self.cfg, learning_rate=DEFAULTS["learning_rate"], clipnorm=DEFAULTS["clipnorm"],
                                    mixed_precision=False)
         paths, _ = assign(shards.files, "train", 0, 1)
-        self.ds = make_dataset(paths, "train", seq_len=seq_len, batch_size=BATCH, seed=[0, 0],
+        self.ds = make_dataset(shards.reader("train", paths), seq_len=seq_len, batch_size=BATCH, seed=[0, 0],
                                shuffle_buffer=DEFAULTS["shuffle_buffer"])
         val_paths, _ = assign(shards.files, "validation", 0, 1)
-        self.val = make_dataset(val_paths, "validation", seq_len=seq_len, batch_size=BATCH,
+        self.val = make_dataset(shards.reader("validation", val_paths), seq_len=seq_len, batch_size=BATCH,
                                 take=max(1, shards.tokens("validation") // (seq_len * BATCH)))
         self.seq_len = seq_len
         self.clock = Clock(keras, BATCH * seq_len)  # a target at every position
@@ -179,7 +176,7 @@ def main() -> int:
                         help="budget slices, alternating between the models so both see the same machine load")
     args = parser.parse_args()
 
-    from midiforge.model.data import open_shards
+    from midiforge.pipeline.tokens import open_shards
     from midiforge.model.lstm import tf_keras
     from midiforge.pipeline.train import DEFAULTS
 

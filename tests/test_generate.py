@@ -39,7 +39,8 @@ from midiforge.music.tokenizers import BOS_ID, EOS_ID, PAD_ID, UNK_ID, make_toke
 from midiforge.pipeline import pieces
 from midiforge.pipeline.generate import GenerateSettings, numpy_weights, run_generate
 from midiforge.storage import file_entry, open_store, read_manifest, verify_store, write_manifest
-from midiforge.storage.shards import SHARD_SCHEMA, int_lists, write_table
+from midiforge.pipeline import tokens
+from midiforge.storage.shards import int_lists
 
 N_FILES = 4
 
@@ -114,16 +115,17 @@ def shards_dir(corpus, tmp_path_factory):
     tok, ids = corpus["tok"], corpus["ids"]
     root = str(tmp_path_factory.mktemp("shards"))
     store = open_store(root)
-    t = pa.table({
+    ts_num, ts_den = tokens.time_signature_columns([p.time_signature for p in corpus["pieces"]])
+    t = tokens.rows_table({
         "piece_id": [hashlib.sha256(f.read_bytes()).hexdigest() for f in corpus["files"]],
         "source": [f.name for f in corpus["files"]], "split": ["train"] * len(ids),
         "transpose": pa.array([0] * len(ids), pa.int8()), "tokens": int_lists(ids),
         "n_tokens": pa.array([len(i) for i in ids], pa.int32()),
         "n_notes": pa.array([len(p) for p in corpus["pieces"]], pa.int32()),
         "seconds": [p.seconds for p in corpus["pieces"]], "qpm": [p.qpm for p in corpus["pieces"]],
-        "tokenizer": [tok.id] * len(ids),
-    }).cast(SHARD_SCHEMA)
-    shard = write_table(store, "shards/part-00000.parquet", t)
+        "tokenizer": [tok.id] * len(ids), "ts_numerator": ts_num, "ts_denominator": ts_den,
+    })
+    shard = tokens.write_shard(store, 0, t)
     tok_bytes = tok.to_json().encode()
     store.write_bytes("tokenizer.json", tok_bytes)
     write_manifest(store, {"stage": "preprocess", "tokenizer": tok.id, "qpm_median": 100.0, "shards": [shard],

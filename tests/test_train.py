@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from midiforge.errors import MidiforgeError
-from midiforge.model.data import assign, class_weights, open_shards, window_chunks
+from midiforge.model.data import assign, class_weights, window_chunks
+from midiforge.pipeline.tokens import open_shards
 from midiforge.pipeline import membership as M
 from midiforge.storage import open_store, verify_store
 
@@ -86,17 +87,18 @@ def test_windows_have_a_target_at_every_position_and_shard_exactly(shards):
     s = open_shards(str(shards))
     paths, by_window = assign(s.files, "validation", 0, 1)
     assert by_window is None
-    wins = np.concatenate(list(window_chunks(paths, "validation", 16)))
+    val = s.reader("validation", paths)
+    wins = np.concatenate(list(window_chunks(val, 16)))
     assert wins.shape[1] == 17
     # consecutive windows overlap by one token: the stream is cut once, every token is a target once
     assert (wins[1:, 0] == wins[:-1, -1]).all()
     assert len(wins) == (s.tokens("validation") - 1) // 16
     # two workers by window (fewer files than workers would need): disjoint, complete
-    parts = [np.concatenate(list(window_chunks(paths, "validation", 16, shard=(i, 2)))) for i in range(2)]
+    parts = [np.concatenate(list(window_chunks(val, 16, shard=(i, 2)))) for i in range(2)]
     assert len(parts[0]) + len(parts[1]) == len(wins)
     assert {w.tobytes() for w in parts[0]} | {w.tobytes() for w in parts[1]} == {w.tobytes() for w in wins}
     # training passes reshuffle but keep every window well formed
-    shuffled = np.concatenate(list(window_chunks(paths, "validation", 16, seed=[1, 2])))
+    shuffled = np.concatenate(list(window_chunks(val, 16, seed=[1, 2])))
     assert shuffled.shape[1] == 17 and not np.array_equal(shuffled[:5], wins[:5])
     by_file = [assign(s.files, "train", i, 2) for i in range(2)]
     assert by_file[0][1] is None and set(by_file[0][0]).isdisjoint(by_file[1][0])

@@ -1,8 +1,8 @@
 """Small token shards in preprocess's output format, for the training tests.
 
 Real tokenizers encode real notes (simple arpeggio and scale figures in random keys, so a
-tiny model has something to learn); the files follow preprocess's contract: shards/part-*.parquet
-(SHARD_SCHEMA), tokenizer.json, manifest.json written last.
+tiny model has something to learn); written through the format's owner (midiforge.pipeline.tokens:
+its schema, shard paths and writer), tokenizer.json, manifest.json written last.
 """
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import pyarrow as pa
 from midiforge.music.piece import Piece
 from midiforge.music.tokenizers import make_tokenizer
 from midiforge.storage import file_entry, open_store, write_manifest
-from midiforge.storage.shards import SHARD_SCHEMA, int_lists, write_table
+from midiforge.pipeline import tokens
+from midiforge.storage.shards import int_lists
 
 
 def figure_piece(rng: np.random.Generator, n_notes: int) -> Piece:
@@ -40,7 +41,8 @@ def make_shards(dest: str, *, pieces: int = 40, files: int = 2, notes: tuple[int
         idx = list(range(f, pieces, files))
         ids = [tok.encode(made[i]) for i in idx]
         split = ["validation" if i % 5 == 4 else "train" for i in idx]
-        t = pa.table({
+        ts_num, ts_den = tokens.time_signature_columns([made[i].time_signature for i in idx])
+        t = tokens.rows_table({
             "piece_id": [hashlib.sha256(f"{seed}-{i}".encode()).hexdigest() for i in idx],
             "source": [f"synthetic/{i}.mid" for i in idx],
             "split": split,
@@ -50,15 +52,15 @@ def make_shards(dest: str, *, pieces: int = 40, files: int = 2, notes: tuple[int
             "n_notes": pa.array([len(made[i]) for i in idx], pa.int32()),
             "seconds": [made[i].end() * 60 / made[i].qpm for i in idx],
             "qpm": [made[i].qpm for i in idx],
-            "tokenizer": [tok.id] * len(idx),
-        }).cast(SHARD_SCHEMA)
-        shards.append(write_table(store, f"shards/part-{f:05d}.parquet", t))
+            "tokenizer": [tok.id] * len(idx), "ts_numerator": ts_num, "ts_denominator": ts_den,
+        })
+        shards.append(tokens.write_shard(store, f, t))
         qpms += [made[i].qpm for i in idx]
     tok_bytes = tok.to_json().encode()
-    store.write_bytes("tokenizer.json", tok_bytes)
+    store.write_bytes(tokens.TOKENIZER, tok_bytes)
     manifest = {"stage": "preprocess", "pieces": pieces, "tokenizer": tok.id, "vocab_size": tok.vocab_size,
                 "qpm_median": float(np.median(qpms)), "shards": shards,
-                "files": [file_entry("tokenizer.json", tok_bytes)]
+                "files": [file_entry(tokens.TOKENIZER, tok_bytes)]
                 + [{k: s[k] for k in ("path", "bytes", "sha256")} for s in shards]}
     write_manifest(store, manifest)
     return manifest

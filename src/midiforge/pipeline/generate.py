@@ -180,7 +180,7 @@ class PrimerPlan:
     piece: object = None                                   # midi: the primer Piece
     time_signature: tuple[int, int] = (4, 4)
     qpm: float | None = None                               # midi: the file's tempo
-    windows: object = None                                 # shards: index -> (ids, qpm, source)
+    windows: object = None                                 # shards: index -> (ids, qpm, source, time signature)
     mapped: int = 0                                        # midi: tokens mapped to the nearest known
     _encoded: dict = field(default_factory=dict, repr=False)  # midi: (tokenizer id, qpm) -> ids
 
@@ -189,9 +189,8 @@ class PrimerPlan:
         from midiforge.music.primer import encode_primer, start_primer
 
         if self.kind == "shards":
-            ids, row_qpm, source = self.windows(index)
-            return np.asarray(ids, dtype=np.int32), float(qpm_setting or row_qpm or qpm_median or 120.0), \
-                self.time_signature, source
+            ids, row_qpm, source, ts = self.windows(index)
+            return np.asarray(ids, dtype=np.int32), float(qpm_setting or row_qpm or qpm_median or 120.0), ts, source
         if self.kind == "midi":
             qpm = float(qpm_setting or self.qpm or qpm_median or 120.0)
             key = (tokenizer.id, qpm)
@@ -241,47 +240,28 @@ def plan_primers(settings: GenerateSettings, models: list[ModelSpec], seed: int,
 
 def _shard_windows(settings: GenerateSettings, models: list[ModelSpec], seed: int,
                    storage: StorageOptions | None) -> PrimerPlan:
-    """One random window per piece from the pieces of a preprocess output (the tutorial's primer)."""
-    import io
-
-    import pyarrow.parquet as pq
-
+    """One random window per piece from the pieces of a preprocess output (the tutorial's primer),
+    each with the time signature of the piece it comes from."""
     from midiforge.music.primer import window_primer
-    from midiforge.storage.manifest import manifest_entries, read_manifest
+    from midiforge.pipeline import tokens
 
     uri = settings.primer_path
     store = open_store(uri, storage)
-    manifest = read_manifest(store)
+    manifest = tokens.read_output_manifest(store)
     for m in models:
-        model_tok = m.tokenizer.id
+        model_tok = _tokenizer(m).id
         if manifest.get("tokenizer") != model_tok:
             raise MidiforgeError(
-                f"{store.url('manifest.json')}: tokenizer {manifest.get('tokenizer')} differs from the model's "
+                f"{store.url(tokens.MANIFEST)}: tokenizer {manifest.get('tokenizer')} differs from the model's "
                 f"tokenizer {model_tok} ({m.uri}); its token ids would not match the model's vocabulary")
-    entries = manifest_entries(manifest, store.url("manifest.json"))
-    shards = [s["path"] for s in manifest.get("shards", [])]
-    if not shards:
-        raise MidiforgeError(f"{store.url('manifest.json')}: lists no shards")
-    tables = {}
-    cand_shard, cand_row = [], []
-    for k, rel in enumerate(shards):
-        data = store.read_verified(rel, entries[rel]) if rel in entries else store.read_bytes(rel)
-        t = pq.read_table(io.BytesIO(data), columns=["source", "split", "transpose", "n_tokens", "qpm", "tokens"])
-        tables[k] = t
-        ok = ((np.asarray(t["split"].to_pylist()) == settings.primer_split) & (np.asarray(t["transpose"]) == 0)
-              & (np.asarray(t["n_tokens"]) >= 3))
-        rows = np.flatnonzero(ok)
-        cand_shard.extend([k] * len(rows))
-        cand_row.extend(rows.tolist())
-    if not cand_row:
+    rows = tokens.primer_rows(store, manifest, settings.primer_split, min_tokens=3)
+    if not len(rows):
         raise MidiforgeError(f"{store.uri}: no piece of split {settings.primer_split!r} to take primers from")
+
     def window(i: int):  # piece i's window, when its batch is sent (not N of them held at once)
         rng = piece_rng(seed, i, PRIMER_STREAM)
-        c = int(rng.integers(0, len(cand_row)))
-        t, r = tables[cand_shard[c]], cand_row[c]
-        tokens = np.asarray(t["tokens"][r].values.to_numpy(), dtype=np.int32)
-        ids = window_primer(tokens, rng, settings.primer_length)
-        return ids, _float_or_none(t["qpm"][r].as_py()), str(t["source"][r].as_py())
+        ids, qpm, source, ts = rows.get(int(rng.integers(0, len(rows))))
+        return window_primer(ids, rng, settings.primer_length), _float_or_none(qpm), source, ts
 
     return PrimerPlan("shards", source=store.uri, windows=window)
 

@@ -29,11 +29,12 @@ from midiforge.music.tokenizers import EventsConfig, make_tokenizer
 from midiforge.storage import (
     StorageOptions, StorageUnavailableError, file_entry, map_parallel, open_store, read_manifest, split_uri, write_manifest,
 )
+from midiforge.pipeline import tokens as T
 from midiforge.pipeline.ray_runtime import start_ray
-from midiforge.storage.shards import SHARD_SCHEMA, int_lists, read_table, table_from_bytes, write_table
+from midiforge.pipeline.tokens import SPLITS
+from midiforge.storage.shards import int_lists, write_table
 
-WORK = "_work"
-SPLITS = ("train", "validation", "test")
+WORK = T.RAW_DIR
 JOURNAL_SCHEMA = pa.schema([
     ("input", pa.string()), ("source", pa.string()), ("piece_id", pa.string()),
     ("status", pa.string()), ("reason", pa.string()), ("detail", pa.string()),
@@ -175,8 +176,13 @@ def sample_inputs(refs: list[InputRef], n: int | None, seed: int) -> list[InputR
 # -------------------------------------------------------------------------------------------
 # the Ray task: a batch of files -> one shard and one journal
 # -------------------------------------------------------------------------------------------
-def _piece_table_path(part: int, classic: bool) -> str:
-    return f"{WORK}/raw-{part:05d}.parquet" if classic else f"shards/part-{part:05d}.parquet"
+def _write_piece_table(dest, part: int, classic: bool, table: pa.Table) -> dict:
+    """The batch's rows: a shard, or (classic: text tokens until finalize knows the vocabulary) a raw table."""
+    return T.write_raw(dest, part, table) if classic else T.write_shard(dest, part, table)
+
+
+def _read_piece_table(dest, part: int, classic: bool) -> pa.Table:
+    return T.read_raw(dest, part) if classic else T.read_shard(dest, part)
 
 
 def process_batch(part: int, inputs: list[InputRef], dest_uri: str, storage: StorageOptions,
@@ -253,15 +259,13 @@ def process_batch(part: int, inputs: list[InputRef], dest_uri: str, storage: Sto
     n_rows = len(rows["piece_id"])
     n_tokens = np.asarray(tokens.value_lengths()) if not classic else np.array([len(t) + 2 for t in tokens], np.int64)
     if n_rows:
-        cols = {k: pa.array(rows[k]) for k in ("piece_id", "source", "split")}
-        cols["transpose"] = pa.array(rows["transpose"], pa.int8())
-        cols["tokens_text" if classic else "tokens"] = pa.array(tokens, pa.list_(pa.string())) if classic else tokens
-        cols["n_tokens"] = pa.array(n_tokens, pa.int32())
-        cols["n_notes"] = pa.array(rows["n_notes"], pa.int32())
-        cols["seconds"] = pa.array(rows["seconds"], pa.float64())
-        cols["qpm"] = pa.array(rows["qpm"], pa.float64())
-        cols["tokenizer"] = pa.array([tok.id] * n_rows)
-        piece_table = write_table(dest, _piece_table_path(part, classic), pa.table(cols))
+        cols = {k: rows[k] for k in ("piece_id", "source", "split", "transpose", "n_notes", "seconds", "qpm")}
+        cols["tokens_text" if classic else "tokens"] = tokens
+        cols["n_tokens"] = n_tokens
+        cols["tokenizer"] = [tok.id] * n_rows
+        cols["ts_numerator"], cols["ts_denominator"] = T.time_signature_columns(rows["time_signature"])
+        table = T.rows_table(cols, T.RAW_SCHEMA if classic else T.SCHEMA)
+        piece_table = _write_piece_table(dest, part, classic, table)
         piece_table["stats"] = _table_stats(rows["split"], rows["transpose"], rows["qpm"], n_tokens.tolist())
     # the journal is written last: its presence says the batch is complete
     if any(e[3] is None for e in entries):  # every unit is a piece, a duplicate or a failure
@@ -352,7 +356,8 @@ def _rows(batch: PieceBatch, pids: list[str], sources: list[str],
     which = list(which)
     rows = {"piece_id": [pids[i] for i in which], "source": [sources[i] for i in which],
             "split": [split[i] for i in which], "transpose": list(moves), "n_notes": [lengths[i] for i in which],
-            "seconds": batch.seconds[which].tolist(), "qpm": batch.qpm[which].tolist()}
+            "seconds": batch.seconds[which].tolist(), "qpm": batch.qpm[which].tolist(),
+            "time_signature": batch.time_signature[which].tolist()}  # (numerator, denominator): the piece's first
     return rows, row_batch
 
 
@@ -581,12 +586,11 @@ def run_preprocess(src: str, dest_uri: str, settings: PreprocessSettings, *, res
         sources = [*sources, {"src": this_src, "added": _utc(started)}]
         dest.write_bytes(f"{WORK}/settings.json", json.dumps({**saved, "sources": sources}, indent=1).encode())
     # piece tables without a journal are leftovers of a killed batch: their inputs run again
-    for prefix, folder in (("part-", "shards/"), ("raw-", f"{WORK}/")):
+    for folder in (T.SHARDS_DIR + "/", f"{WORK}/"):
         for o in dest.list(folder):
-            name = o.path.rsplit("/", 1)[-1]
-            if name.startswith(prefix) and name.endswith(".parquet"):
-                if int(name[len(prefix):len(prefix) + 5]) not in journals:
-                    dest.delete(o.path)
+            part = T.part_of(o.path)
+            if part is not None and part not in journals:
+                dest.delete(o.path)
     todo = [r for r in refs if r.source not in done]
     if not todo and dest.exists("manifest.json"):  # a finished run, nothing new in SRC: keep its result
         return read_manifest(dest)
@@ -780,11 +784,10 @@ def finalize(dest, settings: PreprocessSettings, *, src_count: int, started: flo
         j, drop = logs[part], drops[part]
         status = ["duplicate" if (s, p) in drop else st for s, p, st in zip(j["source"], j["piece_id"], j["status"])]
         j = {**j, "status": status}
-        rel = _piece_table_path(part, classic)
-        pt = read_table(dest, rel)
+        pt = _read_piece_table(dest, part, classic)   # one of an earlier run may lack the time signature: 4/4
         keep = [(s, p) not in drop for s, p in zip(pt["source"].to_pylist(), pt["piece_id"].to_pylist())]
         pt = pt.filter(pa.array(keep))
-        info = _shard_info(write_table(dest, rel, pt), pt)  # a classic one is rewritten below anyway
+        info = _shard_info(_write_piece_table(dest, part, classic, pt), pt)  # a classic one is rewritten below anyway
         _write_journal(dest, journals[part], j)
         return part, j, info
 
@@ -795,7 +798,7 @@ def finalize(dest, settings: PreprocessSettings, *, src_count: int, started: flo
     piece_parts = sorted(p for p, j in logs.items() if "piece" in j["status"])
     if classic:
         vocab_tokens: set[str] = set()
-        raws = {p: read_table(dest, _piece_table_path(p, True)) for p in piece_parts}
+        raws = {p: T.read_raw(dest, p) for p in piece_parts}
         for t in raws.values():
             vocab_tokens.update(pc.list_flatten(t["tokens_text"]).unique().to_pylist())
         tok = tok.with_vocab(vocab_tokens)
@@ -804,20 +807,17 @@ def finalize(dest, settings: PreprocessSettings, *, src_count: int, started: flo
             ids = [tok.ids_of(x) for x in t["tokens_text"].to_pylist()]
             t = t.drop_columns(["tokens_text"]).append_column("tokens", int_lists(ids))
             t = t.set_column(t.schema.get_field_index("tokenizer"), "tokenizer", pa.array([tok.id] * t.num_rows))
-            t = t.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
-            known[p] = _shard_info(write_table(dest, f"shards/part-{p:05d}.parquet", t), t)
+            t = t.select(T.COLUMNS).cast(T.SCHEMA)
+            known[p] = _shard_info(T.write_shard(dest, p, t), t)
 
     def read_back(p: int) -> dict:  # a shard of an earlier run: read it back, once
-        rel = f"shards/part-{p:05d}.parquet"
-        data = dest.read_bytes(rel)
-        t = table_from_bytes(data, dest.url(rel), list(_STATS_COLUMNS))
-        return _shard_info({**file_entry(rel, data), "rows": t.num_rows}, t)
+        return _shard_info(*T.read_shard_entry(dest, p, _STATS_COLUMNS))
 
     unknown = [p for p in piece_parts if p not in known]
     known.update(zip(unknown, map_parallel(read_back, unknown, max_workers=min(4, dest.transfers))))
     shards, qpms, split_counts, rows_total, tokens_total = [], [], dict.fromkeys(SPLITS, 0), 0, 0
     for p in piece_parts:
-        rel = f"shards/part-{p:05d}.parquet"
+        rel = T.shard_rel(p)
         info = known[p]
         shards.append({"path": rel, "rows": info["rows"], "bytes": info["bytes"], "sha256": info["sha256"]})
         stats = info["stats"]

@@ -795,7 +795,9 @@ def _run_training(settings: TrainSettings | dict, membership: str | None, keep_m
     log(f"midiforge train: {member.describe()}")
 
     options = settings.storage_options()
-    shards = D.open_shards(settings.shards, options, settings.cache_dir or None)
+    from midiforge.pipeline import tokens
+
+    shards = tokens.open_shards(settings.shards, options, settings.cache_dir or None)
     store = open_store(settings.model_dir, options)
     state = inspect_model_dir(store)
     plan = plan_run(settings, shards.tokenizer, state, settings.model_dir, shards.manifest_sha256)
@@ -826,7 +828,7 @@ def _run_training(settings: TrainSettings | dict, membership: str | None, keep_m
     val_steps = s.validation_steps or min(MAX_VALIDATION_STEPS, max(1, -(-val_windows // s.batch_size)))
     weights_vec = None
     if s.class_weighting != "none":
-        counts = D.token_counts([f.local for f in shards.with_split("train")], "train", shards.tokenizer.vocab_size)
+        counts = D.token_counts(shards.reader("train"), shards.tokenizer.vocab_size)
         weights_vec = D.class_weights(counts, s.class_weighting, s.class_weight_max)
 
     # ---- backups: every worker prepares its view before anyone writes ----
@@ -872,12 +874,12 @@ def _run_training(settings: TrainSettings | dict, membership: str | None, keep_m
     seed = [s.seed, plan.starts]
 
     def train_fn(ctx):
-        return D.make_dataset(train_files, "train", seq_len=s.seq_len, batch_size=ctx.get_per_replica_batch_size(s.batch_size),
-                              shard=train_shard, seed=seed + ([rank] if train_shard is None else []),
+        return D.make_dataset(shards.reader("train", train_files), seq_len=s.seq_len,
+                              batch_size=ctx.get_per_replica_batch_size(s.batch_size), shard=train_shard, seed=seed + ([rank] if train_shard is None else []),
                               shuffle_buffer=s.shuffle_buffer, weights=weights_vec)
 
     def val_fn(ctx):
-        return D.make_dataset(val_files, "validation", seq_len=s.seq_len,
+        return D.make_dataset(shards.reader("validation", val_files), seq_len=s.seq_len,
                               batch_size=ctx.get_per_replica_batch_size(s.batch_size), shard=val_shard, take=val_steps)
 
     train_ds = strategy.distribute_datasets_from_function(train_fn)

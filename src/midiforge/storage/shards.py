@@ -1,4 +1,7 @@
-"""Parquet tables as objects in a store: build, write atomically with their sha256, read back."""
+"""Parquet tables as objects in a store: build, write atomically with their sha256, read back.
+
+Generic: the formats' schemas live with their owners (token shards: :mod:`midiforge.pipeline.tokens`,
+generated pieces: :mod:`midiforge.pipeline.pieces`)."""
 from __future__ import annotations
 
 import io
@@ -10,20 +13,6 @@ import pyarrow.parquet as pq
 from midiforge.errors import MidiforgeError
 from midiforge.storage.manifest import sha256_hex
 from midiforge.storage.store import Store
-
-#: The columns of ``shards/part-NNNNN.parquet``: one row per piece (and per transposed copy).
-SHARD_SCHEMA = pa.schema([
-    ("piece_id", pa.string()),
-    ("source", pa.string()),
-    ("split", pa.string()),
-    ("transpose", pa.int8()),
-    ("tokens", pa.list_(pa.int32())),
-    ("n_tokens", pa.int32()),
-    ("n_notes", pa.int32()),
-    ("seconds", pa.float64()),
-    ("qpm", pa.float64()),
-    ("tokenizer", pa.string()),
-])
 
 
 def int_lists(arrays: list[np.ndarray]) -> pa.ListArray:
