@@ -206,9 +206,14 @@ def process_batch(part: int, inputs: list[InputRef], dest_uri: str, storage: Sto
     unit_entry: list[int] = []            # the journal entry of each
     unit_of: dict[str, int] = {}          # piece_id -> its unit
     copies: list[tuple[int, int]] = []    # (journal entry, unit) of identical copies in this batch
+    max_bytes = settings.read.max_bytes
     for ref in inputs:
         try:
             store = stores.get(ref.root) or stores.setdefault(ref.root, open_store(ref.root, storage))
+            size = ref.size if ref.size >= 0 else _local_size(store, ref.key)
+            if size > max_bytes:  # refused by its listed size: never read (a 200 MB file costs nothing)
+                entries.append([ref.source, ref.source, "", "failure", "too_long", f"{size} bytes > max {max_bytes}"])
+                continue
             data = store.read_bytes(ref.key)
         except StorageUnavailableError:  # the service is down (after retries): the task fails, no file is blamed
             raise
@@ -477,21 +482,35 @@ def _batch_task():
     cluster the first time it runs in a job (~30 ms here), not on every run_preprocess call."""
     import ray
 
-    return ray.remote(num_cpus=1, max_retries=2)(_process_packed)
+    # no retries by Ray: the driver splits a batch whose worker died (see _BatchRunner), which also
+    # retries the files of a batch lost with its node
+    return ray.remote(num_cpus=1, max_retries=0)(_process_packed)
 
 
-def _pack(inputs: list[InputRef]) -> tuple[list[str], list[tuple[str, int, str]]]:
+def _pack(inputs: list[InputRef]) -> tuple[list[str], list[tuple[str, int, str, int]]]:
     """A batch's inputs as plain strings and tuples (to pickle and unpickle, ~3 us an InputRef, ~0.7 us as packed)."""
     roots: dict[str, int] = {}
-    rows = [(r.source, roots.setdefault(r.root, len(roots)), r.key) for r in inputs]
+    rows = [(r.source, roots.setdefault(r.root, len(roots)), r.key, r.size) for r in inputs]
     return list(roots), rows
 
 
 def _process_packed(part: int, packed, dest_uri: str, storage: StorageOptions, settings: PreprocessSettings,
                     progress=None) -> dict:
     roots, rows = packed
-    return process_batch(part, [InputRef(src, roots[i], key) for src, i, key in rows], dest_uri, storage, settings,
-                         progress)
+    return process_batch(part, [InputRef(src, roots[i], key, size) for src, i, key, size in rows], dest_uri, storage,
+                         settings, progress)
+
+
+def _local_size(store, key: str) -> int:
+    """A local file's size (an input of a list file, whose listing has none), else -1 (unknown: it is read)."""
+    from midiforge.storage.store import LocalStore
+
+    if isinstance(store, LocalStore):
+        try:
+            return store.path(key).stat().st_size
+        except OSError:  # reading it says what is wrong
+            return -1
+    return -1
 
 
 # a batch's journal: {column of JOURNAL_SCHEMA: values}, as JSON (a Parquet file costs ~1 ms of its own
@@ -520,15 +539,142 @@ def _journal_parts(dest) -> dict[int, str]:
     out = {}
     for o in dest.list(f"{WORK}/"):
         name = o.path.rsplit("/", 1)[-1]
-        if name.startswith("part-") and name.endswith(".json"):
-            out[int(name[5:10])] = o.path
+        if name.startswith("part-") and name.endswith(".json") and name[5:-5].isdigit():
+            out[int(name[5:-5])] = o.path
     return out
+
+
+# Fencing.  Every start of the driver on a DEST is a run with its own epoch: 0 for the run that made DEST,
+# then one more than any run before (each later run leaves a marker _work/run-<epoch>.json before its first
+# batch).  A run numbers its batches epoch * PARTS_PER_RUN + k, so the journal and the shard of a batch
+# name the run that made them, and a worker of a killed run that lives on (and writes its batch after a
+# resumed run took stock) can never write a name the resumed run uses.  finalize takes only the journals
+# the run took stock of and those its own batches returned (any other is a late writer's, or a batch this
+# run gave up on: deleted with its shard); where two runs' journals hold the same input, the newer run's
+# journal keeps it and the older one loses it (rows and entries).  So the manifest counts every input unit
+# exactly once and no shard holds a row twice.
+PARTS_PER_RUN = 1_000_000
+
+
+def _run_marker(epoch: int) -> str:
+    return f"{WORK}/run-{epoch:05d}.json"
+
+
+def _next_epoch(dest, journals: dict[int, str]) -> int:
+    """The epoch of a run that continues DEST: one more than any run before (their markers, and the
+    batches of runs from before markers existed)."""
+    seen = [0] + [p // PARTS_PER_RUN for p in journals]
+    for o in dest.list(f"{WORK}/"):
+        name = o.path.rsplit("/", 1)[-1]
+        if name.startswith("run-") and name.endswith(".json") and name[4:-5].isdigit():
+            seen.append(int(name[4:-5]))
+    return max(seen) + 1
+
+
+def _drop_journals_without_rows(dest, journals: dict[int, str], earlier: dict[int, dict], classic: bool) -> None:
+    """A batch writes its rows, then its journal: a journal with pieces whose rows are gone (deleted as a
+    leftover while a worker of a killed run was still writing) does not count; its inputs run again."""
+    parts = {p for p, j in earlier.items() if "piece" in j["status"]}
+    if not parts:
+        return
+    tables = set()
+    for o in dest.list(f"{WORK}/" if classic else T.SHARDS_DIR + "/"):
+        if T.is_shard(o.path) != classic:
+            tables.add(T.part_of(o.path))
+    for p in sorted(parts - tables):
+        dest.delete(journals.pop(p))
+        del earlier[p]
+
+
+#: --file-timeout: the seconds one file may take beyond what its size predicts.  A batch is given
+#: file_timeout + TIME_SLACK x its predicted seconds (PER_FILE_SECONDS a file, plus its bytes at FAST_BYTES_PER_SECOND
+#: for MIDI on symusic, SLOW_BYTES_PER_SECOND for what music21 reads), counted from when it may start; then its
+#: worker is killed and the batch cut (a file alone that runs out of time fails as ``timeout``).
+FILE_TIMEOUT = 120.0
+TIME_SLACK = 10
+PER_FILE_SECONDS = 0.005
+FAST_BYTES_PER_SECOND, SLOW_BYTES_PER_SECOND = 2e6, 2e3
+#: a lost batch (worker died, or out of time) is cut into this many batches, down to single files
+SPLIT_WAYS = 8
+#: the bytes of one batch, at most (a file over it is a batch of its own; a file over --max-bytes counts 0:
+#: it is refused by its listed size, never read)
+MAX_BATCH_BYTES = 64 << 20
+#: a batch reserves Ray's ``memory`` resource, MEMORY_BASE + MEMORY_FACTOR x its bytes (at most 90% of the
+#: largest node's), so that the batches running at once on a node fit in its memory.  Measured (peak RSS
+#: of process_batch over a warm worker's, one file): 9.9x a 20 MB lyric-only MIDI, 10.1x a 20 MB MIDI of
+#: 2.5 M notes, 12.1x one of 3.3 M notes in running status (the worst found); 16 leaves a margin.  Ray's
+#: memory monitor kills a task that goes beyond its node's memory anyway: its batch is then cut like a crash.
+MEMORY_FACTOR = 16
+MEMORY_BASE = 64 << 20
+
+
+class _Job:
+    """A batch sent (or to send) to Ray: its part number, files, deaths so far (single files), time limit."""
+
+    __slots__ = ("part", "batch", "tries", "limit", "start")
+
+    def __init__(self, part: int, batch: list, tries: int, limit: float) -> None:
+        self.part, self.batch, self.tries, self.limit, self.start = part, batch, tries, limit, None
+
+
+def _batch_bytes(batch: list[InputRef], max_bytes: int) -> int:
+    """The bytes a batch reads: files of unknown size count 0, files over ``max_bytes`` too (never read)."""
+    return sum(r.size for r in batch if 0 <= r.size <= max_bytes)
+
+
+def _cap_bytes(batches: list[list[InputRef]], max_bytes: int, cap: int = MAX_BATCH_BYTES) -> list[list[InputRef]]:
+    """``batches`` with every one over ``cap`` bytes cut into consecutive runs of at most ``cap``."""
+    out = []
+    for batch in batches:
+        if _batch_bytes(batch, max_bytes) <= cap:
+            out.append(batch)
+            continue
+        run, size = [], 0
+        for r in batch:
+            n = r.size if 0 <= r.size <= max_bytes else 0
+            if run and size + n > cap:
+                out.append(run)
+                run, size = [], 0
+            run.append(r)
+            size += n
+        out.append(run)
+    return out
+
+
+def _time_limit(batch: list[InputRef], options: ReadOptions, file_timeout: float) -> float:
+    """Seconds a batch may take (see FILE_TIMEOUT); a file of unknown size counts as 64 kB."""
+    predicted = 0.0
+    for r in batch:
+        size = 65536 if r.size < 0 else r.size if r.size <= options.max_bytes else 0
+        predicted += PER_FILE_SECONDS + size / (FAST_BYTES_PER_SECOND if _is_fast(r.source, options)
+                                                else SLOW_BYTES_PER_SECOND)
+    return file_timeout + TIME_SLACK * predicted
+
+
+def _memory_cap(ray, resources: dict, nodes: int) -> int:
+    """90% of the largest node's ``memory`` resource (a batch asking more could never start), 0 if unknown."""
+    if nodes > 1:
+        memory = max((n.get("Resources", {}).get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+    else:
+        memory = resources.get("memory", 0)
+    return int(0.9 * memory)
+
+
+def _failed_file(dest, part: int, ref: InputRef, reason: str, detail: str) -> dict:
+    """The journal of a file given up on (parser_crash, timeout), written by the driver under a part number
+    of its own, and its batch summary."""
+    journal = {"input": [ref.source], "source": [ref.source], "piece_id": [""], "status": ["failure"],
+               "reason": [reason], "detail": [detail[:2000]]}
+    _write_journal(dest, _journal_path(part), journal)
+    return {"part": part, "files": 1, "units": 1, "pieces": 0, "duplicates": 0, "failures": 1, "tokens": 0,
+            "table": None, "journal": journal, "seconds": 0.0, "host": socket.gethostname()}
 
 
 def run_preprocess(src: str, dest_uri: str, settings: PreprocessSettings, *, resume: bool = False,
                    workers: int | None = None, batch_files: int | None = None, address: str | None = None,
                    storage: StorageOptions | None = None, progress: bool = True, add_inputs: bool = False,
-                   allow_absolute_paths: bool = False, allow_empty: bool = False) -> dict:
+                   allow_absolute_paths: bool = False, allow_empty: bool = False,
+                   file_timeout: float | None = None) -> dict:
     """The whole stage; returns the manifest it wrote.
 
     ``resume`` continues the run in DEST from the same SRC (compared as a normalized URI, see
@@ -575,6 +721,7 @@ def run_preprocess(src: str, dest_uri: str, settings: PreprocessSettings, *, res
 
     journals = _journal_parts(dest)
     earlier = {p: _read_journal(dest, rel) for p, rel in journals.items()}  # finalize reuses them
+    _drop_journals_without_rows(dest, journals, earlier, settings.make_tokenizer().vocab_from_data)
     done: set[str] = set()
     for journal in earlier.values():
         done.update(journal["input"])
@@ -585,12 +732,7 @@ def run_preprocess(src: str, dest_uri: str, settings: PreprocessSettings, *, res
                                  f"the run (for example {clash[:3]}); rename them or use a new DEST")
         sources = [*sources, {"src": this_src, "added": _utc(started)}]
         dest.write_bytes(f"{WORK}/settings.json", json.dumps({**saved, "sources": sources}, indent=1).encode())
-    # piece tables without a journal are leftovers of a killed batch: their inputs run again
-    for folder in (T.SHARDS_DIR + "/", f"{WORK}/"):
-        for o in dest.list(folder):
-            part = T.part_of(o.path)
-            if part is not None and part not in journals:
-                dest.delete(o.path)
+    # piece tables without a journal (leftovers of a killed batch: their inputs run again) are deleted by finalize
     todo = [r for r in refs if r.source not in done]
     if not todo and dest.exists("manifest.json"):  # a finished run, nothing new in SRC: keep its result
         return read_manifest(dest)
@@ -610,17 +752,22 @@ def run_preprocess(src: str, dest_uri: str, settings: PreprocessSettings, *, res
         cpus = int(resources.get("CPU", 1))
         nodes = sum(1 for k in resources if k.startswith("node:") and k != "node:__internal_head__")
         workers = max(1, min(workers or cpus, cpus))
-        batches = _plan_batches(todo, workers, batch_files)
-        first = max(journals) + 1 if journals else 0
+        batches = _cap_bytes(_plan_batches(todo, workers, batch_files), settings.read.max_bytes)
+        epoch = _next_epoch(dest, journals) if existing else 0  # see PARTS_PER_RUN
+        if epoch:  # before any batch: a later run takes a higher epoch even if this one leaves no journal
+            dest.write_bytes(_run_marker(epoch), json.dumps({"epoch": epoch, "started": started, "pid": os.getpid(),
+                                                             "host": socket.gethostname()}).encode())
+        part_numbers = iter(range(epoch * PARTS_PER_RUN, (epoch + 1) * PARTS_PER_RUN))
         task, in_flight = _batch_task(), workers * 2
         # Ray itself caps the tasks running at once by the CPUs they hold, so a second task per worker can
         # wait queued, ready to start the moment a batch ends.  With every CPU in use a task holds one; with
         # fewer workers than CPUs on one node, a task holds cpus/workers of them (so no more than `workers`
         # run).  On several nodes each node gets its share of the tasks out (by its CPUs), pinned to it: Ray's
         # own scheduling fills the driver's node first and leaves the others idle on short tasks
-        if workers < cpus and nodes == 1:
-            task = task.options(num_cpus=cpus / workers)
+        base_options = {"num_cpus": cpus / workers} if workers < cpus and nodes == 1 else {}
         place = _Placement.of_cluster(ray, workers if workers < cpus else 2 * cpus) if nodes > 1 else None
+        memory_cap = _memory_cap(ray, resources, nodes)
+        timeout = FILE_TIMEOUT if file_timeout is None else file_timeout
         pending, results = [], []
         bar = _progress(len(refs), len(refs) - len(todo), progress)
         # music21's formats take ~1 s a unit: then the bar moves per file or tune, not per batch
@@ -628,26 +775,76 @@ def run_preprocess(src: str, dest_uri: str, settings: PreprocessSettings, *, res
         if progress and bar.disable is False and any(not _is_fast(r.source, settings.read) for r in todo):
             board = ray.remote(num_cpus=0)(_ProgressBoard).remote()
         running: dict = {}  # ref -> (part, files)
+        jobs: dict = {}     # ref -> its _Job
         files_done = float(bar.n)
         failures = 0
-        queue = list(enumerate(batches, start=first))
+
+        def job(batch: list[InputRef], tries: int = 0) -> _Job:
+            part = next(part_numbers, None)
+            if part is None:
+                raise MidiforgeError(f"more than {PARTS_PER_RUN} batches in one run; pass a larger --batch-files")
+            return _Job(part, batch, tries, _time_limit(batch, settings.read, timeout))
+
+        def lost(j: _Job, reason: str, detail: str) -> None:
+            """A batch without a result (its worker died, or it ran out of time): the files that are fine must
+            not pay for the one that is not.  Cut into SPLIT_WAYS batches down to single files; a single file
+            whose worker died is read once more (a node can die under any file), then it is a failure."""
+            nonlocal failures, files_done
+            if len(j.batch) > 1:
+                step = math.ceil(len(j.batch) / SPLIT_WAYS)
+                queue[0:0] = [job(j.batch[i:i + step]) for i in range(0, len(j.batch), step)]
+            elif reason == "parser_crash" and j.tries == 0:
+                queue.insert(0, job(j.batch, 1))
+            else:
+                results.append(_failed_file(dest, job([]).part, j.batch[0], reason, detail))
+                failures += 1
+                files_done += 1
+                bar.update(files_done - bar.n)
+                bar.set_postfix(failures=failures, refresh=False)
+
+        def forget(ref) -> _Job:
+            pending.remove(ref)
+            running.pop(ref, None)
+            if place:
+                place.done(ref)
+            return jobs.pop(ref)
+
+        queue = [job(b) for b in batches]
         while queue or pending:
             while queue and (place.has_room() if place else len(pending) < in_flight):
-                part, batch = queue.pop(0)
-                t = task.options(scheduling_strategy=place.strategy()) if place else task
-                pending.append(t.remote(part, _pack(batch), dest.uri, storage, settings, board))
-                running[pending[-1]] = (part, len(batch))
+                j = queue.pop(0)
+                options = dict(base_options)
+                if memory_cap:  # Ray starts a batch only where its memory is free (see MEMORY_FACTOR)
+                    options["memory"] = min(memory_cap, MEMORY_BASE + MEMORY_FACTOR * _batch_bytes(j.batch, settings.read.max_bytes))
                 if place:
-                    place.started(pending[-1])
-            ready, pending = ray.wait(pending, num_returns=1, timeout=0.5 if board is not None else None)
-            if not ready:  # the units parsed so far in the running batches
-                fractions = ray.get(board.get.remote())
-                bar.n = round(files_done + sum(min(fractions.get(p, 0.0), 0.95) * n for p, n in running.values()), 1)
-                bar.refresh()
+                    options["scheduling_strategy"] = place.strategy()
+                ref = task.options(**options).remote(j.part, _pack(j.batch), dest.uri, storage, settings, board)
+                pending.append(ref)
+                jobs[ref] = j
+                running[ref] = (j.part, len(j.batch))
+                if place:
+                    place.started(ref)
+            # a batch's time runs from when it may start: Ray runs the tasks out in the order they were sent,
+            # so the first `workers` of them are running (the next starts when one of those ends)
+            now = time.monotonic()
+            for ref in pending[:workers]:
+                jobs[ref].start = jobs[ref].start or now
+            late = [ref for ref in pending[:workers] if now > jobs[ref].start + jobs[ref].limit]
+            for ref in late:  # a file hangs (native code no alarm interrupts): kill the worker, cut the batch
+                ray.cancel(ref, force=True)
+                j = forget(ref)
+                lost(j, "timeout", f"no result within {j.limit:.0f} s (--file-timeout {timeout:g})")
+            if late or not pending:
                 continue
-            running.pop(ready[0], None)
-            if place:
-                place.done(ready[0])
+            wait = min(jobs[ref].start + jobs[ref].limit for ref in pending[:workers]) - now
+            ready, _ = ray.wait(pending, num_returns=1, timeout=max(0.01, min(wait, 0.5) if board is not None else wait))
+            if not ready:  # the units parsed so far in the running batches
+                if board is not None:
+                    fractions = ray.get(board.get.remote())
+                    bar.n = round(files_done + sum(min(fractions.get(p, 0.0), 0.95) * n for p, n in running.values()), 1)
+                    bar.refresh()
+                continue
+            j = forget(ready[0])
             try:
                 res = ray.get(ready[0])
             except ray.exceptions.RayTaskError as exc:  # stop the rest; report the cause in one line
@@ -656,6 +853,11 @@ def run_preprocess(src: str, dest_uri: str, settings: PreprocessSettings, *, res
                 if isinstance(exc.cause, MidiforgeError):
                     raise exc.cause from None
                 raise
+            except (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError,
+                    ray.exceptions.NodeDiedError) as exc:  # the process died: a native crash, Ray's OOM killer, a lost node
+                first = (str(exc).strip().splitlines() or [""])[0][:300]
+                lost(j, "parser_crash", f"{type(exc).__name__} (twice): {first}")
+                continue
             results.append(res)
             failures += res["failures"]
             files_done += res["files"]
@@ -743,6 +945,37 @@ def _progress(total: int, initial: int, enabled: bool):
                 dynamic_ncols=True, smoothing=0.1)
 
 
+def _fence(dest, logs: dict[int, dict], known: dict[int, dict], classic: bool) -> None:
+    """One journal per input: where journals of several runs hold an input (a worker of a killed run wrote
+    its batch after the next run took stock, and that run did the inputs again), the newest run's journal
+    (the highest part) keeps it; the others lose its entries and rows (a journal left without any is
+    deleted with its rows).  ``logs`` and ``known`` are updated."""
+    owner: dict[str, int] = {}
+    for part in sorted(logs):
+        for name in logs[part]["input"]:
+            owner[name] = part
+    for part in sorted(logs):
+        j = logs[part]
+        keep = [owner[name] == part for name in j["input"]]
+        if all(keep):
+            continue
+        gone = {src for src, k in zip(j["source"], keep) if not k}
+        if "piece" in j["status"]:  # the rows first: a journal never names rows that are not there
+            table = _read_piece_table(dest, part, classic)
+            table = table.filter(pa.array([src not in gone for src in table["source"].to_pylist()]))
+            if table.num_rows:
+                known[part] = _shard_info(_write_piece_table(dest, part, classic, table), table)
+            else:
+                dest.delete(T.raw_rel(part) if classic else T.shard_rel(part))
+                known.pop(part, None)
+        if any(keep):
+            logs[part] = {k: [v for v, ok in zip(col, keep) if ok] for k, col in j.items()}
+            _write_journal(dest, _journal_path(part), logs[part])
+        else:
+            dest.delete(_journal_path(part))
+            del logs[part]
+
+
 def finalize(dest, settings: PreprocessSettings, *, src_count: int, started: float,
              known: dict[int, dict] | None = None, known_journals: dict[int, dict] | None = None,
              clock: _Clock | None = None, expected_inputs: set[str] | None = None,
@@ -751,18 +984,31 @@ def finalize(dest, settings: PreprocessSettings, *, src_count: int, started: flo
 
     ``known`` maps a part to what its task reported of the shard it wrote ({path, rows, bytes, sha256,
     stats}), ``known_journals`` to its journal ({column: values}: as a task of this run wrote it, or as
-    this run read it from an earlier one); parts not in them, or rewritten here, are read back once.
-    ``expected_inputs``: the inputs (sources) of this run, each of which must have its outcome in some
-    journal.
+    this run read it from an earlier one); shards not in ``known``, or rewritten here, are read back once.
+    ``known_journals`` are the run's journals: any other journal in DEST (a worker of a killed run that
+    wrote late, a batch this run gave up on) is deleted, as is every shard or raw table without a journal;
+    None: every journal in DEST.  Where two journals hold one input, the newer run's keeps it (see
+    PARTS_PER_RUN).  ``expected_inputs``: the inputs (sources) of this run, each of which must have its
+    outcome in some journal.
     """
     clock = clock or _Clock()
     known = dict(known or {})
-    known_journals = known_journals or {}
     dest.delete("manifest.json")  # whatever happens below, no manifest may name an object being rewritten
     tok = settings.make_tokenizer()
     classic = tok.vocab_from_data
     journals = _journal_parts(dest)
-    logs = {p: known_journals[p] if p in known_journals else _read_journal(dest, rel) for p, rel in journals.items()}
+    if known_journals is None:
+        logs = {p: _read_journal(dest, rel) for p, rel in journals.items()}
+    else:
+        logs = dict(known_journals)
+        for p in sorted(set(journals) - set(logs)):
+            dest.delete(journals[p])
+    _fence(dest, logs, known, classic)
+    for folder in (T.SHARDS_DIR + "/", f"{WORK}/"):  # rows without a journal of the run: leftovers, never counted
+        for o in dest.list(folder):
+            part = T.part_of(o.path)
+            if part is not None and part not in logs:
+                dest.delete(o.path)
     if expected_inputs:  # every input of the run has its outcome (a piece, a duplicate or a failure) somewhere
         missing = expected_inputs.difference(*(j["input"] for j in logs.values()))
         if missing:
@@ -788,7 +1034,7 @@ def finalize(dest, settings: PreprocessSettings, *, src_count: int, started: flo
         keep = [(s, p) not in drop for s, p in zip(pt["source"].to_pylist(), pt["piece_id"].to_pylist())]
         pt = pt.filter(pa.array(keep))
         info = _shard_info(_write_piece_table(dest, part, classic, pt), pt)  # a classic one is rewritten below anyway
-        _write_journal(dest, journals[part], j)
+        _write_journal(dest, _journal_path(part), j)
         return part, j, info
 
     for part, j, info in map_parallel(rewrite, sorted(drops), max_workers=min(4, dest.transfers)):
@@ -819,6 +1065,9 @@ def finalize(dest, settings: PreprocessSettings, *, src_count: int, started: flo
     for p in piece_parts:
         rel = T.shard_rel(p)
         info = known[p]
+        if sum(info["stats"]["splits"].values()) != logs[p]["status"].count("piece"):  # rows of another writer
+            raise MidiforgeError(f"{dest.url(rel)}: {sum(info['stats']['splits'].values())} pieces, but its batch "
+                                 f"journal says {logs[p]['status'].count('piece')}; delete both to redo the batch")
         shards.append({"path": rel, "rows": info["rows"], "bytes": info["bytes"], "sha256": info["sha256"]})
         stats = info["stats"]
         qpms.extend(stats["qpm"])
@@ -878,6 +1127,9 @@ def finalize(dest, settings: PreprocessSettings, *, src_count: int, started: flo
         # write is not in it) and the workers' busy seconds, summed over them (batch_busy)
         "timing": clock.as_dict(),
     }
+    units = len(set(journal_all["source"].to_pylist()))  # a unit's source names it: input, or input#tune
+    if units != n_inputs:  # a unit counted twice (a bug: no manifest)
+        raise MidiforgeError(f"{dest.uri}: {n_inputs} inputs in the journals but {units} input units")
     if manifest["inputs"] != manifest["pieces"] + manifest["duplicates"] + manifest["failures"]:  # a bug: no manifest
         raise MidiforgeError(f"{dest.uri}: {manifest['inputs']} inputs but {manifest['pieces']} pieces + "
                              f"{manifest['duplicates']} duplicates + {manifest['failures']} failures")
@@ -959,6 +1211,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(run inside sbatch: slurm/preprocess.sbatch); default none")
     x.add_argument("--workers", type=int, help="parallel tasks (default: every CPU of the cluster)")
     x.add_argument("--batch-files", type=int, help="files per Ray task (default: automatic)")
+    x.add_argument("--file-timeout", type=float, default=FILE_TIMEOUT, metavar="SECONDS",
+                   help="seconds one file may take beyond what its size predicts; a batch gets that plus 10x its "
+                        "predicted time, then it is cut down to the file that hangs, which fails as timeout "
+                        f"(default {FILE_TIMEOUT:g})")
     x.add_argument("--no-progress", action="store_true", help="no progress bar (default: a bar on stderr)")
     from midiforge.storage.cli_options import add_storage_arguments
 
@@ -987,7 +1243,7 @@ def main(args) -> int:
     manifest = run_with_cluster(args.cluster, args.address, lambda address: run_preprocess(
         args.src, args.dest, settings, resume=args.resume, workers=args.workers, batch_files=args.batch_files,
         address=address, storage=options_from_args(args), progress=not args.no_progress, add_inputs=args.add_inputs,
-        allow_absolute_paths=args.allow_absolute_paths, allow_empty=args.allow_empty))
+        allow_absolute_paths=args.allow_absolute_paths, allow_empty=args.allow_empty, file_timeout=args.file_timeout))
     shown = ("inputs", "pieces", "duplicates", "failures", "failure_reasons", "rows", "tokens", "tokenizer", "seconds",
              "files_per_second", "timing")  # timing: not in the manifest of a run from before it existed
     print(json.dumps({k: manifest[k] for k in shown if k in manifest}))
