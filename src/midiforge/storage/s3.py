@@ -184,11 +184,14 @@ def _transient(exc: BaseException) -> bool:
         ConnectionError as BotoConnectionError,
         HTTPClientError,
         IncompleteReadError,
+        SSLError,
     )
 
     if isinstance(exc, ClientError):
         code, status = _code_status(exc)
         return code in _TRANSIENT_CODES or status >= 500
+    if isinstance(exc, SSLError):  # a certificate or TLS mismatch: waiting does not cure it
+        return False
     if isinstance(exc, (BotoConnectionError, HTTPClientError, IncompleteReadError, RetriesExceededError,
                         ConnectionError, TimeoutError)):
         return True
