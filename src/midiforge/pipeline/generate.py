@@ -249,7 +249,7 @@ def _shard_windows(settings: GenerateSettings, models: list[ModelSpec], seed: in
     store = open_store(uri, storage)
     manifest = tokens.read_output_manifest(store)
     for m in models:
-        model_tok = _tokenizer(m).id
+        model_tok = m.tokenizer.id
         if manifest.get("tokenizer") != model_tok:
             raise MidiforgeError(
                 f"{store.url(tokens.MANIFEST)}: tokenizer {manifest.get('tokenizer')} differs from the model's "
