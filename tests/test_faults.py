@@ -51,10 +51,7 @@ def _weights_bytes(model) -> bytes:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny MODEL_DIR (final bundle only) trained for one epoch on real tokens of the ``ff`` corpus."""
-    try:
-        from midiforge.pipeline.bundles import write_bundle
-    except ImportError:  # before the bundle I/O moved to pipeline/
-        from midiforge.model.bundle import write_bundle
+    from midiforge.pipeline.bundles import write_bundle
     from midiforge.model.lstm import ModelConfig, build_model, tf_keras
     from midiforge.music.readers import read_piece
     from midiforge.music.tokenizers import make_tokenizer
