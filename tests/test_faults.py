@@ -407,8 +407,9 @@ def test_preprocess_budget_shorter_than_the_outage_stops_cleanly_then_resumes(s3
     store = open_store(dest, s3_server.options())
     outage = _outage(s3_server, after_requests=6)
     started = time.monotonic()
+    # two boto3 attempts per request: one request's own retries cannot span the 12 s outage
     code, out, err = _cli(["preprocess", src, dest, *ep, "--batch-files", "2", "--no-progress",
-                           "--s3-retry-seconds", "2"], capsys)
+                           "--s3-retry-seconds", "2", "--s3-max-attempts", "2"], capsys)
     ended = time.monotonic()
     assert code == 2, err[-3000:]
     lines = [line for line in err.splitlines() if line.startswith("midiforge preprocess: error:")]
@@ -454,7 +455,8 @@ def test_generate_budget_shorter_than_the_outage_stops_cleanly_then_resumes(s3_s
     n = 120
     outage = _outage(s3_server, after_requests=8)
     started = time.monotonic()
-    code, out, err = _generate_on_s3(s3_server, model_dir, dest, n, capsys, "--s3-retry-seconds", "2")
+    code, out, err = _generate_on_s3(s3_server, model_dir, dest, n, capsys, "--s3-retry-seconds", "2",
+                                     "--s3-max-attempts", "2")
     ended = time.monotonic()
     assert code == 2, err[-3000:]
     lines = [line for line in err.splitlines() if line.startswith("midiforge generate: error:")]

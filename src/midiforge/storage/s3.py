@@ -325,12 +325,14 @@ class S3Store(VerifiedReads):
     # -- errors and retries ---------------------------------------------------------------
     def _retrying(self, what: str, rel: str, fn, retry: bool = True):
         """``fn()``, tried again while the endpoint is unreachable or answers 5xx, with exponential backoff
-        and jitter, for up to ``options.retry_seconds`` from the first failure; any failure that leaves is a
+        and jitter, for up to ``options.retry_seconds`` from the start of the first failing call (a call in
+        flight ends its own botocore retries before the budget is checked); any failure that leaves is a
         MidiforgeError naming the object (:class:`StorageUnavailableError` when it concerns the whole job)."""
         budget = float(self.options.retry_seconds) if retry else 0.0
         deadline = None
         delay = 0.5
         while True:
+            started = time.monotonic()
             try:
                 result = fn()
             except MidiforgeError:
@@ -338,7 +340,9 @@ class S3Store(VerifiedReads):
             except Exception as exc:
                 if budget > 0 and _transient(exc):
                     now = time.monotonic()
-                    deadline = deadline if deadline is not None else now + budget
+                    # the budget counts from the start of the first failing call: botocore's own retries
+                    # (max_attempts, with backoff) inside that call are part of the wait
+                    deadline = deadline if deadline is not None else started + budget
                     if now < deadline:
                         self._note_waiting(what, rel, exc, budget)
                         time.sleep(min(deadline - now, _jitter.uniform(delay / 2, delay)))
