@@ -134,3 +134,36 @@ def test_classic_tokenizer_json_round_trip():
     tok = ClassicTokenizer().with_vocab(["E-4", "4.7.11"])
     again = load_tokenizer(tok.to_json())
     assert again.vocab == tok.vocab and again.id == tok.id and again.config == tok.config
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["compiled", "numpy"])
+@pytest.mark.parametrize("column", ["start", "duration"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+def test_both_encoder_paths_refuse_a_start_or_duration_that_is_not_finite(native, column, bad):
+    """NaN or inf cast to int64 would be an arbitrary onset: the compiled encoder and the NumPy one
+    (also its fallback for batches the C code declines) refuse it with the same ValueError."""
+    from midiforge.music import tokenizers
+    from midiforge.music.piece import PieceBatch
+
+    if native and tokenizers._native is None:
+        pytest.skip("midiforge.music._events is not built (no C compiler at install)")
+    good = Piece.from_columns([60, 62, 64], [0.0, 1.0, 2.0], [1.0, 1.0, 1.0], [90, 90, 90], [0, 0, 0])
+    cols = {"start": good.start.copy(), "duration": good.duration.copy()}
+    cols[column][1] = bad
+    piece = Piece(good.pitch, cols["start"], cols["duration"], good.velocity, good.program)
+    tok = EventsTokenizer(EventsConfig(bars=True, programs=True, drums=True))
+    tok.native = native
+    batch = PieceBatch.from_pieces([good, piece])
+    with pytest.raises(ValueError, match=r"^encode: note 4: its start or duration is not finite \(NaN or inf\)$"):
+        tok.encode_batch(batch)  # note 4 of the batch: the second note of the second piece
+    with pytest.raises(ValueError, match="not finite"):
+        tok.encode(piece)
+    if native:  # the C code checks before it declines a batch (pitch 200: the NumPy path's), NumPy checks too
+        odd = Piece(np.array([60, 200, 64], np.int16), piece.start, piece.duration, piece.velocity, piece.program)
+        with pytest.raises(ValueError, match="not finite"):
+            tok._encode_native(PieceBatch.from_pieces([odd]))
+        tok.native = False
+        with pytest.raises(ValueError, match="not finite"):
+            tok.encode(odd)
+    tok.native = True
+    assert tok.encode(good).tolist() == EventsTokenizer(tok.config).encode(good).tolist()
