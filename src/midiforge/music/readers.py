@@ -13,7 +13,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from midiforge.errors import PieceError
+# the names of midi_columns and smf that tests, benchmarks and _midi.c's comments read here: noqa F401
+from midiforge.music.midi_columns import (  # noqa: F401
+    _LAYOUT, _M_KEPT, _M_STATUS, _M_TPQ, _META, _OK, _assemble, _file_of, _keep_tracks, _native_batch, _parse_score,
+    _seconds,
+)
 from midiforge.music.piece import DRUM_PROGRAM, Piece, PieceBatch
+from midiforge.music.smf import MAX_TICK, _midi_payload, _smf_ticks, _varlen, _wrapped  # noqa: F401
 
 try:  # the compiled bulk step of read_midi_batch (optional: the Python code does the same, slower)
     from midiforge.music import _midi as _native_midi
@@ -76,164 +82,9 @@ def split_units(source: str, data: bytes) -> list[tuple[str, bytes]]:
 
 
 # ------------------------------------------------------------------------------------------
-# MIDI through symusic
+# MIDI through symusic: the header checks and the tick walk in midiforge.music.smf, symusic's
+# Scores into columns in midiforge.music.midi_columns; read_midi_batch drives them
 # ------------------------------------------------------------------------------------------
-def _midi_payload(data: bytes) -> bytes:
-    if not data:
-        raise PieceError("empty", "0 bytes")
-    if data[:4] == b"RIFF":  # RMID: a Standard MIDI File inside a RIFF container
-        at = data.find(b"MThd", 0, 256)
-        if at < 0:
-            raise PieceError("not_midi", "RIFF file without a MIDI header")
-        data = data[at:]
-    if data[:4] != b"MThd":
-        raise PieceError("not_midi", f"starts with {data[:4]!r}, not b'MThd'")
-    if len(data) < 14:
-        raise PieceError("corrupt", f"header truncated ({len(data)} bytes)")
-    if data[12] & 0x80:
-        raise PieceError("unsupported", "SMPTE time division")
-    return data
-
-
-def _seconds(end_tick: int, tempos: list, tpq: int) -> float:
-    """Seconds at ``end_tick`` under a tempo map: (tick, microseconds per quarter from that tick on)."""
-    if not tempos or tempos[0][0] > 0:
-        tempos = [(0, 500_000)] + list(tempos)
-    kept = [(t, m) for t, m in tempos if t < end_tick] or [(0, tempos[0][1])]
-    total = 0.0
-    for (t, m), (t_next, _) in zip(kept, kept[1:] + [(end_tick, 0)]):
-        total += (t_next - t) * float(m)
-    return total / tpq / 1e6
-
-
-# symusic's own serialization of a Score (its pickle state, zpp_bits format) is a flat buffer:
-# reading notes out of it in bulk (midiforge.music._midi, in C) costs far less than symusic's
-# per-track ``.numpy()`` (which builds four arrays a track).  The layout, for symusic 0.6:
-#   Score: i32 ticks_per_quarter, tracks, time_signatures, key_signatures, tempos, markers
-#   Track: string name, u8 program, u8 is_drum, notes, controls, pitch_bends, pedals, lyrics
-#   a list is a u32 count then its items; a string a u32 length then its bytes; a text event an
-#   i32 time then a string; Note is 12 bytes (i32 time, i32 duration, i8 pitch, i8 velocity, 2
-#   padding); ControlChange, PitchBend, Pedal, TimeSignature, KeySignature and Tempo are 8 bytes.
-# Every buffer is checked against the Score it came from (ticks per quarter, tracks, notes); a
-# buffer that does not fit (another symusic version) is read through ``.numpy()`` instead (the
-# Python path, :func:`_file_of`): slower, same result.
-
-
-@dataclass
-class _File:
-    """One parsed MIDI file, before the batch's columns are built."""
-
-    tpq: int
-    chunks: list      # (time, duration, pitch, velocity) arrays of each track kept
-    counts: list      # notes of each chunk
-    programs: list    # program (DRUM_PROGRAM for drums) of each chunk
-    tracks: list      # track index of each chunk
-    tempos: list      # [(tick, microseconds per quarter)]
-    time_signature: tuple
-
-
-def _keep_tracks(heads, options: ReadOptions):
-    """(program, index, count) of the tracks read, by ``options.tracks``; raises too_long/no_notes."""
-    kept, total, first_program = [], 0, None
-    for index, (program, drum, count) in enumerate(heads):
-        if count == 0:
-            continue
-        program = DRUM_PROGRAM if drum else program
-        if options.tracks == "first":
-            # music21's partitionByInstrument()[0]: every note of the first instrument, across tracks
-            if drum:
-                continue
-            if first_program is None:
-                first_program = program
-            elif program != first_program:
-                continue
-        total += count
-        if total > options.max_notes:
-            raise PieceError("too_long", f"more than {options.max_notes} notes")
-        kept.append((program, index, count))
-    if total == 0:
-        raise PieceError("no_notes", f"{len(heads)} tracks, no notes")
-    return kept
-
-
-#: the largest tick symusic can hold (its times are int32): a file whose delta times add past it
-#: would wrap to negative (or small) times and pass for music
-MAX_TICK = 2**31 - 1
-
-
-def _varlen(data: bytes, pos: int, end: int):
-    """(value, next position) of a variable-length quantity of at most 4 bytes, or None."""
-    value = 0
-    for _ in range(4):
-        if pos >= end:
-            return None
-        b = data[pos]
-        pos += 1
-        value = (value << 7) | (b & 0x7F)
-        if not b & 0x80:
-            return value, pos
-    return None
-
-
-def _track_ticks(data: bytes, pos: int, end: int) -> int:
-    total, running = 0, 0
-    while pos < end:
-        got = _varlen(data, pos, end)
-        if got is None:
-            break
-        delta, pos = got
-        total += delta
-        if pos >= end:
-            break
-        status = data[pos]
-        if status & 0x80:
-            pos += 1
-        elif running:
-            status = running
-        else:
-            break
-        if status == 0xFF:
-            if pos >= end:
-                break
-            kind = data[pos]
-            got = _varlen(data, pos + 1, end)
-            if got is None or kind == 0x2F:
-                break
-            pos = min(got[1] + got[0], end)
-        elif status in (0xF0, 0xF7):
-            got = _varlen(data, pos, end)
-            if got is None:
-                break
-            pos = min(got[1] + got[0], end)
-        elif status >= 0xF0:
-            pos += 2 if status == 0xF2 else 1 if status in (0xF1, 0xF3) else 0
-        else:
-            running = status
-            pos += 1 if status & 0xF0 in (0xC0, 0xD0) else 2
-    return total
-
-
-def _smf_ticks(data: bytes) -> int:
-    """The largest sum of delta times of one MTrk chunk of a Standard MIDI File: the same walk as
-    ``_midi.ticks`` (see _midi.c for its rules), in Python."""
-    if len(data) < 8 or data[:4] != b"MThd":
-        return 0
-    pos = 8 + int.from_bytes(data[4:8], "big")
-    best = 0
-    while pos + 8 <= len(data):
-        length = int.from_bytes(data[pos + 4: pos + 8], "big")
-        at = pos + 8
-        if data[pos: pos + 4] == b"MTrk":
-            best = max(best, _track_ticks(data, at, min(at + length, len(data))))
-        pos = at + length
-    return best
-
-
-def _wrapped(ticks: int) -> PieceError:
-    return PieceError("corrupt", f"delta times add up to {ticks} ticks in one track, past {MAX_TICK} "
-                                 "(times would wrap)")
-
-
 def _checked_payload(data: bytes, options: ReadOptions) -> bytes:
     """The Standard MIDI File in ``data``, after the checks that need no parsing."""
     if len(data) > options.max_bytes:
@@ -241,107 +92,10 @@ def _checked_payload(data: bytes, options: ReadOptions) -> bytes:
     return _midi_payload(data)
 
 
-def _parse_score(data: bytes):
-    """(symusic Score, ticks per quarter) of one checked MIDI payload, or the PieceError that says why not."""
-    import symusic
-
-    try:
-        score = symusic.Score.from_midi(data)
-    except Exception as exc:  # symusic raises RuntimeError/ValueError for malformed files
-        raise PieceError("corrupt", str(exc).replace("iostream error", "").strip(" :")) from None
-    tpq = int(score.ticks_per_quarter)
-    if tpq <= 0:
-        raise PieceError("unsupported", f"ticks per quarter = {tpq}")
-    return score, tpq
-
-
-def _file_of(score, tpq: int, options: ReadOptions) -> _File:
-    """One parsed file's notes through symusic's public ``.numpy()`` per track: the Python path, for
-    every file when the compiled part is not built, else for the files whose state buffer it
-    declines (another symusic layout).  The same numbers as the compiled path (tests/test_readers.py)."""
-    tracks = list(score.tracks)
-    kept = _keep_tracks([(int(t.program), bool(t.is_drum), len(t.notes)) for t in tracks], options)
-    chunks = []
-    for _, index, count in kept:
-        arrays = tracks[index].notes.numpy()
-        chunks.append(tuple(np.asarray(arrays[k]) for k in ("time", "duration", "pitch", "velocity")))
-    tempos = []
-    if len(score.tempos):
-        t = score.tempos.numpy()
-        tempos = list(zip(t["time"].tolist(), t["mspq"].tolist()))
-    ts = (4, 4)
-    if len(score.time_signatures):
-        first = score.time_signatures[0]
-        if first.numerator > 0 and first.denominator > 0:
-            ts = (int(first.numerator), int(first.denominator))
-    return _File(tpq, chunks, [c for *_, c in kept], [p for p, _, _ in kept], [i for _, i, _ in kept], tempos, ts)
-
-
-def _column(files: list[_File], k: int, dtype) -> np.ndarray:
-    parts = [c[k] for f in files for c in f.chunks]
-    return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
-
-
-def _assemble(files: list[_File]) -> tuple[PieceBatch, np.ndarray]:
-    """The batch of pieces of ``files``, and the end tick of each."""
-    n = len(files)
-    counts = np.fromiter((c for f in files for c in f.counts), dtype=np.int64)
-    program = np.repeat(np.fromiter((p for f in files for p in f.programs), dtype=np.int16, count=len(counts)), counts)
-    track = np.repeat(np.fromiter((t for f in files for t in f.tracks), dtype=np.int16, count=len(counts)), counts)
-    lengths = np.fromiter((sum(f.counts) for f in files), dtype=np.int64, count=n)
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    tpq = np.fromiter((f.tpq for f in files), dtype=np.int64, count=n)
-    time, dur = _column(files, 0, np.int64), _column(files, 1, np.int64)
-    end_tick = np.maximum.reduceat(time + dur, offsets[:-1]) if n else np.zeros(0, np.int64)
-    scale = np.repeat(1.0 / tpq, lengths)
-    batch = PieceBatch(
-        _column(files, 2, np.int16), time * scale, dur * scale, _column(files, 3, np.int16), program,
-        track, offsets,
-        np.array([6e7 / f.tempos[0][1] if f.tempos and f.tempos[0][1] > 0 else 120.0 for f in files], dtype=np.float64),
-        np.array([_seconds(int(e), f.tempos, f.tpq) for e, f in zip(end_tick.tolist(), files)], dtype=np.float64),
-        np.array([f.time_signature for f in files], dtype=np.int64).reshape(n, 2))
-    return batch, end_tick
-
-
-# the columns of _midi.scan's meta rows, and its statuses
-_M_STATUS, _M_TPQ, _M_TRACKS, _M_NOTES_ALL, _M_KEPT, _M_TS_NUM, _M_TS_DEN, _M_TEMPOS, _META = range(9)
-_OK, _LAYOUT, _TOO_LONG, _NO_NOTES = range(4)
-
-
-def _native_batch(parsed: list, options: ReadOptions, errors: list) -> tuple[PieceBatch, np.ndarray, list, list]:
-    """The compiled path (midiforge.music._midi): every state buffer of the batch in two C passes.
-
-    Returns the batch of the files read, their end ticks, their input indices, and the (index, score,
-    tpq) of the files whose buffer did not fit, for the Python path."""
-    states = [score.__getstate__() for _, score, _ in parsed]
-    meta = np.zeros((len(parsed), _META), dtype=np.int64)
-    _native_midi.scan(states, int(options.tracks == "first"), options.max_notes, meta)
-    left = []
-    for j, (i, score, tpq) in enumerate(parsed):
-        m = meta[j]
-        if m[_M_STATUS] != _LAYOUT and (m[_M_TPQ] != tpq or m[_M_TRACKS] != len(score.tracks)
-                                        or m[_M_NOTES_ALL] != score.note_num()):
-            m[_M_STATUS] = _LAYOUT
-        status = m[_M_STATUS]
-        if status == _LAYOUT:
-            left.append((i, score, tpq))
-        elif status == _TOO_LONG:
-            errors[i] = PieceError("too_long", f"more than {options.max_notes} notes")
-        elif status == _NO_NOTES:
-            errors[i] = PieceError("no_notes", f"{int(m[_M_TRACKS])} tracks, no notes")
-    ok = meta[:, _M_STATUS] == _OK
-    lengths = meta[ok, _M_KEPT]
-    total = int(lengths.sum())
-    cols = [np.empty(total, np.float64), np.empty(total, np.float64)] + [np.empty(total, np.int16) for _ in range(4)]
-    facts = np.empty((int(ok.sum()), 3), dtype=np.float64)
-    _native_midi.fill(states, int(options.tracks == "first"), meta, *cols, facts)
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    start, dur, pitch, vel, prog, track = cols
-    batch = PieceBatch(pitch, start, dur, vel, prog, track, offsets, facts[:, 0].copy(),
-                       facts[:, 1].copy(), meta[ok][:, [_M_TS_NUM, _M_TS_DEN]].copy())
-    return batch, facts[:, 2].astype(np.int64), [i for (i, _, _), k in zip(parsed, ok) if k], left
+def _payload_bytes(data: bytes, options: ReadOptions) -> bytes:
+    """:func:`_checked_payload` as ``bytes``."""
+    payload = _checked_payload(data, options)
+    return payload if type(payload) is bytes else bytes(payload)
 
 
 def _ticks(payloads: list[bytes]) -> list[int]:
@@ -351,6 +105,85 @@ def _ticks(payloads: list[bytes]) -> list[int]:
     out = np.empty(len(payloads), dtype=np.int64)
     _native_midi.ticks(payloads, out)
     return out.tolist()
+
+
+def _one_file(errors: list, i: int, step, *args):
+    """``step(*args)`` for input ``i``, or None with its failure in ``errors[i]``: a
+    :class:`PieceError`, or any other exception as ``parser_error`` (a bug for one file: its
+    failure, not the batch's)."""
+    try:
+        return step(*args)
+    except PieceError as exc:
+        errors[i] = exc
+    except Exception as exc:
+        errors[i] = PieceError("parser_error", f"{type(exc).__name__}: {exc}")
+    return None
+
+
+def _payloads(datas: list[bytes], options: ReadOptions, errors: list) -> list[tuple[int, bytes]]:
+    """(input index, the Standard MIDI File's bytes) of every input that passes the checks that need
+    no parsing."""
+    out = []
+    for i, data in enumerate(datas):
+        payload = _one_file(errors, i, _payload_bytes, data, options)
+        if payload is not None:
+            out.append((i, payload))
+    return out
+
+
+def _parse_all(payloads: list[tuple[int, bytes]], errors: list) -> list[tuple]:
+    """(input index, symusic Score, ticks per quarter) of every payload symusic parses, after the walk
+    over its delta times (a file whose times would wrap past int32 is ``corrupt``, never parsed)."""
+    parsed = []
+    for (i, payload), ticks in zip(payloads, _ticks([p for _, p in payloads])):
+        if ticks > MAX_TICK:
+            errors[i] = _wrapped(ticks)
+            continue
+        got = _one_file(errors, i, _parse_score, payload)
+        if got is not None:
+            parsed.append((i, *got))
+    return parsed
+
+
+def _read_parsed(parsed: list[tuple], options: ReadOptions, errors: list) -> tuple[PieceBatch, np.ndarray, list]:
+    """The notes of the parsed files: (their batch in input order, the end tick of each piece, the
+    input index of each piece); in C when it is built, the Python path for the rest."""
+    parts, ends, where = [], [], []  # batches, their end ticks, the input index of each piece
+    if _native_midi is not None and parsed:
+        batch, end_tick, done, parsed = _native_batch(_native_midi, parsed, options, errors)
+        parts.append(batch)
+        ends.append(end_tick)
+        where.extend(done)
+    files = []
+    for i, score, tpq in parsed:  # the Python path: every file without the compiled part, else the leftovers
+        f = _one_file(errors, i, _file_of, score, tpq, options)
+        if f is not None:
+            files.append(f)
+            where.append(i)
+    if files or not parts:
+        batch, end_tick = _assemble(files)
+        parts.append(batch)
+        ends.append(end_tick)
+    batch, end_tick = PieceBatch.concat(parts), np.concatenate(ends)
+    if len(parts) > 1:  # back to input order
+        order = np.argsort(np.array(where, dtype=np.int64), kind="stable")
+        batch, end_tick, where = batch.take(order), end_tick[order], [where[k] for k in order]
+    return batch, end_tick, where
+
+
+def _drop_bad_ends(batch: PieceBatch, end_tick: np.ndarray, quarters: np.ndarray, where: list,
+                   options: ReadOptions, errors: list) -> PieceBatch:
+    """``batch`` without the pieces longer than ``max_quarters`` or ending at a negative tick (the
+    tick walk keeps wrapped times out; a negative end is corrupt whatever made it), their reasons
+    recorded."""
+    drop = np.flatnonzero((quarters > options.max_quarters) | (end_tick < 0))
+    if not len(drop):
+        return batch
+    for j in drop.tolist():  # rare: drop those pieces, record why
+        errors[where[j]] = (PieceError("corrupt", f"negative times (the last note ends at tick {end_tick[j]})")
+                            if end_tick[j] < 0 else
+                            PieceError("too_long", f"{quarters[j]:.0f} quarters > max {options.max_quarters:.0f}"))
+    return batch.take(np.setdiff1d(np.arange(len(batch)), drop))
 
 
 def read_midi_batch(datas: list[bytes], options: ReadOptions = ReadOptions()) -> tuple[PieceBatch, list]:
@@ -364,60 +197,11 @@ def read_midi_batch(datas: list[bytes], options: ReadOptions = ReadOptions()) ->
     they need.
     """
     errors: list = [None] * len(datas)
-    payloads = []  # (input index, the Standard MIDI File's bytes)
-    for i, data in enumerate(datas):
-        try:
-            payload = _checked_payload(data, options)
-            payloads.append((i, payload if type(payload) is bytes else bytes(payload)))
-        except PieceError as exc:
-            errors[i] = exc
-        except Exception as exc:  # a bug for one file: its failure, not the batch's
-            errors[i] = PieceError("parser_error", f"{type(exc).__name__}: {exc}")
-    parsed = []  # (input index, score, ticks per quarter)
-    for (i, payload), ticks in zip(payloads, _ticks([p for _, p in payloads])):
-        if ticks > MAX_TICK:
-            errors[i] = _wrapped(ticks)
-            continue
-        try:
-            parsed.append((i, *_parse_score(payload)))
-        except PieceError as exc:
-            errors[i] = exc
-        except Exception as exc:  # a bug for one file: its failure, not the batch's
-            errors[i] = PieceError("parser_error", f"{type(exc).__name__}: {exc}")
+    parsed = _parse_all(_payloads(datas, options, errors), errors)
     tpq_of = {i: tpq for i, _, tpq in parsed}
-    parts, ends, where = [], [], []  # batches, their end ticks, the input index of each piece
-    if _native_midi is not None and parsed:
-        batch, end_tick, done, parsed = _native_batch(parsed, options, errors)
-        parts.append(batch)
-        ends.append(end_tick)
-        where.extend(done)
-    files = []
-    for i, score, tpq in parsed:  # the Python path: every file without the compiled part, else the leftovers
-        try:
-            files.append(_file_of(score, tpq, options))
-            where.append(i)
-        except PieceError as exc:
-            errors[i] = exc
-        except Exception as exc:  # a bug for one file: its failure, not the batch's
-            errors[i] = PieceError("parser_error", f"{type(exc).__name__}: {exc}")
-    if files or not parts:
-        batch, end_tick = _assemble(files)
-        parts.append(batch)
-        ends.append(end_tick)
-    batch, end_tick = PieceBatch.concat(parts), np.concatenate(ends)
-    if len(parts) > 1:  # back to input order
-        order = np.argsort(np.array(where, dtype=np.int64), kind="stable")
-        batch, end_tick, where = batch.take(order), end_tick[order], [where[k] for k in order]
+    batch, end_tick, where = _read_parsed(parsed, options, errors)
     quarters = end_tick / np.array([tpq_of[i] for i in where], dtype=np.float64)
-    # the tick walk keeps wrapped times out; a negative end is corrupt whatever made it
-    drop = np.flatnonzero((quarters > options.max_quarters) | (end_tick < 0))
-    if len(drop):  # rare: drop those pieces, record why
-        for j in drop.tolist():
-            errors[where[j]] = (PieceError("corrupt", f"negative times (the last note ends at tick {end_tick[j]})")
-                                if end_tick[j] < 0 else
-                                PieceError("too_long", f"{quarters[j]:.0f} quarters > max {options.max_quarters:.0f}"))
-        batch = batch.take(np.setdiff1d(np.arange(len(batch)), drop))
-    return batch, errors
+    return _drop_bad_ends(batch, end_tick, quarters, where, options, errors), errors
 
 
 def read_midi_symusic(data: bytes, options: ReadOptions = ReadOptions()) -> Piece:
