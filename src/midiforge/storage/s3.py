@@ -27,46 +27,32 @@ from __future__ import annotations
 import io
 import ipaddress
 import os
-import random
 import re
-import sys
 import threading
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from midiforge.errors import MidiforgeError
-from midiforge.storage.store import ObjectInfo, StorageOptions, StorageUnavailableError, VerifiedReads, check_rel
+from midiforge.storage.s3_errors import (
+    CREDENTIALS_HELP as _CREDENTIALS_HELP,
+    MAX_BACKOFF,
+    Waiting,
+    code_status,
+    jitter,
+    note_recovered,
+    note_waiting,
+    redact,
+    stop_waiting,
+    transient,
+    translate,
+)
+from midiforge.storage.store import ObjectInfo, StorageOptions, VerifiedReads, check_rel
 
 CHECKSUM_MODES = ("when_supported", "when_required")
 
-_CREDENTIALS_HELP = (
-    "use the standard AWS credential chain instead: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
-    "(and AWS_SESSION_TOKEN), AWS_PROFILE with ~/.aws/credentials, or an instance/container role"
-)
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _SAFE_TEXT_RE = re.compile(r"^[A-Za-z0-9._-]*$")
-# Things that must never reach a log line or an error message, whatever botocore put there.
-_SECRET_PATTERNS = [
-    (re.compile(r"\b(?:AKIA|ASIA|AIDA|AROA|ANPA|ANVA|AGPA|AIPA)[A-Z0-9]{12,}\b"), "<access-key-id>"),
-    (re.compile(r"(X-Amz-(?:Credential|Signature|Security-Token)=)[^&\s\"'<>]+", re.I), r"\1<redacted>"),
-    (re.compile(r"(Credential=)[^,\s\"'<>]+"), r"\1<redacted>"),
-    (re.compile(r"(Signature=)[0-9a-fA-F]+"), r"\1<redacted>"),
-    (re.compile(r"(AWSAccessKeyId=)[^&\s\"'<>]+"), r"\1<redacted>"),
-    (re.compile(r"//[^/@\s]*:[^/@\s]*@"), "//<credentials>@"),
-]
-_SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
-
-
-def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
-    """``text`` with credential values and credential-shaped strings replaced."""
-    values = [v for v in secrets if v and len(v) >= 4]
-    values += [os.environ[k] for k in _SECRET_ENV if len(os.environ.get(k, "")) >= 4]
-    for value in sorted(set(values), key=len, reverse=True):
-        text = text.replace(value, "<redacted>")
-    for pattern, repl in _SECRET_PATTERNS:
-        text = pattern.sub(repl, text)
-    return text
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -149,87 +135,6 @@ def resolve_endpoint(options: StorageOptions) -> str | None:
             "(it may carry credentials)"
         )
     return endpoint
-
-
-_JOB_WIDE_CODES = {
-    "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "InvalidClientTokenId",
-    "NoSuchBucket", "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "ServiceUnavailable",
-    "InternalError", "500", "502", "503", "504",
-}
-
-
-_TRANSIENT_CODES = {
-    "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "ServiceUnavailable", "InternalError",
-    "500", "502", "503", "504",
-}
-_TRANSIENT_TEXT = ("Could not connect", "Connection was closed", "Read timeout", "Connect timeout",
-                   "Connection aborted", "Connection reset")
-#: the longest single wait between two tries of an operation (the backoff doubles up to this)
-MAX_BACKOFF = 8.0
-_jitter = random.Random()  # its own generator: never touches the global random state of a stage
-
-
-def _code_status(exc) -> tuple[str, int]:
-    response = exc.response if isinstance(getattr(exc, "response", None), dict) else {}
-    status = (response.get("ResponseMetadata", {}) or {}).get("HTTPStatusCode", 0)
-    return str((response.get("Error", {}) or {}).get("Code", "")), status if isinstance(status, int) else 0
-
-
-def _transient(exc: BaseException) -> bool:
-    """True for a failure that waiting can cure: the endpoint unreachable, a connection cut or timed
-    out, a 5xx or throttling answer (after botocore's own retries)."""
-    from boto3.exceptions import RetriesExceededError, S3UploadFailedError
-    from botocore.exceptions import (
-        ClientError,
-        ConnectionError as BotoConnectionError,
-        HTTPClientError,
-        IncompleteReadError,
-        SSLError,
-    )
-
-    if isinstance(exc, ClientError):
-        code, status = _code_status(exc)
-        return code in _TRANSIENT_CODES or status >= 500
-    if isinstance(exc, SSLError):  # a certificate or TLS mismatch: waiting does not cure it
-        return False
-    if isinstance(exc, (BotoConnectionError, HTTPClientError, IncompleteReadError, RetriesExceededError,
-                        ConnectionError, TimeoutError)):
-        return True
-    if isinstance(exc, S3UploadFailedError):  # boto3 flattens the cause into the message
-        text = str(exc)
-        return any(f"({code})" in text for code in _TRANSIENT_CODES) or any(t in text for t in _TRANSIENT_TEXT)
-    return False
-
-
-class _Waiting:
-    """Process-wide: when this process started waiting for the endpoint (None: it is not waiting)."""
-
-    lock = threading.Lock()
-    since: float | None = None
-
-
-def _job_wide(exc: BaseException) -> bool:
-    """True for failures of the service or the credentials (after retries), not of one object."""
-    from boto3.exceptions import RetriesExceededError, S3UploadFailedError
-    from botocore.exceptions import (
-        ClientError,
-        ConnectionError as BotoConnectionError,
-        NoCredentialsError,
-        PartialCredentialsError,
-        ResponseStreamingError,
-    )
-
-    if isinstance(exc, ClientError):
-        err = exc.response.get("Error", {}) if isinstance(exc.response, dict) else {}
-        status = (exc.response.get("ResponseMetadata", {}) or {}).get("HTTPStatusCode", 0) \
-            if isinstance(exc.response, dict) else 0
-        return str(err.get("Code", "")) in _JOB_WIDE_CODES or (isinstance(status, int) and status >= 500)
-    if isinstance(exc, (BotoConnectionError, NoCredentialsError, PartialCredentialsError, ResponseStreamingError,
-                        RetriesExceededError)):
-        return True
-    if isinstance(exc, S3UploadFailedError):  # boto3 flattens the cause into the message
-        return any(f"({code})" in str(exc) for code in _JOB_WIDE_CODES) or "Could not connect" in str(exc)
-    return isinstance(exc, (ConnectionError, TimeoutError))  # a socket error that got past botocore
 
 
 def check_options(options: StorageOptions) -> None:
@@ -338,112 +243,29 @@ class S3Store(VerifiedReads):
             except MidiforgeError:
                 raise
             except Exception as exc:
-                if budget > 0 and _transient(exc):
+                if budget > 0 and transient(exc):
                     now = time.monotonic()
                     # the budget counts from the start of the first failing call: botocore's own retries
                     # (max_attempts, with backoff) inside that call are part of the wait
                     deadline = deadline if deadline is not None else started + budget
                     if now < deadline:
-                        self._note_waiting(what, rel, exc, budget)
-                        time.sleep(min(deadline - now, _jitter.uniform(delay / 2, delay)))
+                        note_waiting(self.endpoint_url, what, self.url(rel), exc, budget, self._secrets)
+                        time.sleep(min(deadline - now, jitter.uniform(delay / 2, delay)))
                         delay = min(2 * delay, MAX_BACKOFF)
                         continue
-                    with _Waiting.lock:  # gave up: a later outage is announced again
-                        _Waiting.since = None
+                    stop_waiting()  # gave up: a later outage is announced again
                 translated = self._translate(exc, what, rel, waited=budget if deadline is not None else 0.0)
                 if translated is None:
                     raise
                 raise translated from None
-            if _Waiting.since is not None:
-                self._note_recovered()
+            if Waiting.since is not None:
+                note_recovered(self.endpoint_url)
             return result
-
-    def _note_waiting(self, what: str, rel: str, exc: BaseException, budget: float) -> None:
-        """One line on stderr when this process starts waiting (not one per operation or retry)."""
-        with _Waiting.lock:
-            if _Waiting.since is not None:
-                return
-            _Waiting.since = time.monotonic()
-        from botocore.exceptions import ClientError
-
-        where = self.endpoint_url or "AWS S3"
-        if isinstance(exc, ClientError):
-            code, status = _code_status(exc)
-            state = f"unavailable ({code or status})"
-        else:
-            state = f"unreachable ({type(exc).__name__})"
-        line = (f"s3: endpoint {where} {state} on {what} {self.url(rel)}, retrying for up to {budget:g} s "
-                f"(--s3-retry-seconds) ...")
-        print(redact(line, self._secrets), file=sys.stderr, flush=True)
-
-    def _note_recovered(self) -> None:
-        with _Waiting.lock:
-            since, _Waiting.since = _Waiting.since, None
-        if since is not None:
-            where = self.endpoint_url or "AWS S3"
-            print(f"s3: endpoint {where} answers again (waited {time.monotonic() - since:.0f} s)",
-                  file=sys.stderr, flush=True)
 
     def _translate(self, exc: BaseException, what: str, rel: str, waited: float = 0.0) -> MidiforgeError | None:
         """The MidiforgeError naming the object for a boto/OS failure (None: not a storage failure)."""
-        from boto3.exceptions import Boto3Error
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        cls = StorageUnavailableError if _job_wide(exc) else MidiforgeError
-        if isinstance(exc, ClientError):
-            reason = self._client_reason(exc)
-        elif isinstance(exc, (BotoCoreError, Boto3Error, OSError)):
-            reason = self._other_reason(exc, waited)
-        else:
-            return None
-        if waited and isinstance(exc, ClientError):
-            reason += f" (still failing after retrying for {waited:g} s; --s3-retry-seconds waits longer)"
-        return cls(f"{self.url(rel)}: {what} failed: {reason}")
-
-    def _client_reason(self, exc) -> str:
-        err = exc.response.get("Error", {}) if isinstance(exc.response, dict) else {}
-        meta = exc.response.get("ResponseMetadata", {}) if isinstance(exc.response, dict) else {}
-        code = str(err.get("Code", "") or meta.get("HTTPStatusCode", ""))
-        message = str(err.get("Message", "") or "")
-        retries = meta.get("RetryAttempts") or 0
-        if code in ("NoSuchKey", "404", "NotFound"):
-            reason = "no such object"
-        elif code == "NoSuchBucket":
-            reason = f"no such bucket {self.bucket!r}"
-        elif code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "InvalidClientTokenId"):
-            reason = f"the S3 server rejected the credentials ({code})"
-        elif code in ("AccessDenied", "403", "Forbidden"):
-            reason = "access denied (check the credentials' permissions on this bucket and prefix)"
-        else:
-            reason = f"{code}: {message}" if message else code or type(exc).__name__
-        if retries:
-            reason += f" (after {retries} retries)"
-        return redact(reason, self._secrets)
-
-    def _other_reason(self, exc, waited: float = 0.0) -> str:
-        from botocore.exceptions import (
-            ConnectionError as BotoConnectionError,
-            NoCredentialsError,
-            PartialCredentialsError,
-        )
-
-        if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
-            reason = f"no usable AWS credentials ({type(exc).__name__}); {_CREDENTIALS_HELP}"
-        elif isinstance(exc, BotoConnectionError):
-            where = self.endpoint_url or "AWS S3"
-            tried = (f"after retrying for {waited:g} s (--s3-retry-seconds)" if waited
-                     else f"after {self.options.max_attempts} attempts")
-            reason = (f"cannot reach the S3 endpoint {where} {tried} ({type(exc).__name__}); "
-                      "is the server up and the endpoint right?")
-        else:
-            detail = str(exc)
-            # boto3 wraps ClientErrors of managed transfers into S3UploadFailedError & co.
-            if "An error occurred (" in detail:
-                detail = detail[detail.index("An error occurred ("):]
-            reason = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
-            if waited:
-                reason += f" (still failing after retrying for {waited:g} s; --s3-retry-seconds waits longer)"
-        return redact(reason, self._secrets)
+        return translate(exc, what, self.url(rel), bucket=self.bucket, endpoint_url=self.endpoint_url,
+                         max_attempts=self.options.max_attempts, secrets=self._secrets, waited=waited)
 
     # -- the Store protocol -----------------------------------------------------------------
     def read_bytes(self, rel: str) -> bytes:
@@ -489,7 +311,7 @@ class S3Store(VerifiedReads):
                 self.client.head_object(Bucket=self.bucket, Key=key)
                 return True
             except ClientError as exc:
-                if _code_status(exc)[0] in ("404", "NoSuchKey", "NotFound"):
+                if code_status(exc)[0] in ("404", "NoSuchKey", "NotFound"):
                     return False
                 raise
 
