@@ -19,7 +19,8 @@ from midiforge.music import metrics as M
 from midiforge.music.midi_io import piece_to_midi
 from midiforge.music.piece import Piece
 from midiforge.music.tokenizers import BOS_ID, EOS_ID, make_tokenizer
-from midiforge.pipeline.evaluate import _content, evaluate, read_token_split
+from midiforge.pipeline.evaluate import _content, evaluate
+from midiforge.pipeline.piece_sets import read_token_split
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_helpers import make_shards  # noqa: E402
@@ -130,6 +131,21 @@ def test_known_pieces_give_known_values(known, tmp_path, capsys):
     # --format json prints the same result
     assert cli_main(["evaluate", str(gen), str(ref), "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out)["pieces"] == result["pieces"]
+
+
+def test_tokens_match_through_the_tokenizer_interface():
+    """A pieces table's tokens are kept when they decode to the notes of the piece's MIDI, whatever the
+    tokenizer (only the Tokenizer interface is used); another tokenizer's ids are not."""
+    from midiforge.music.readers import read_piece
+    from midiforge.pipeline.piece_sets import _tokens_match
+
+    piece = read_piece("scale.mid", piece_to_midi(scale()))
+    assert _tokens_match(TOK, TOK.encode(scale()), piece)
+    assert not _tokens_match(TOK, make_tokenizer("events", steps_per_quarter=12).encode(scale()), piece)
+    classic = make_tokenizer("classic")
+    classic = classic.with_vocab(sorted(set(classic.encode_text(scale()))))
+    assert _tokens_match(classic, classic.encode(scale()), piece)
+    assert not _tokens_match(classic, np.array([BOS_ID, 999, EOS_ID]), piece)
 
 
 def test_a_set_against_itself_is_at_distance_zero(known):
