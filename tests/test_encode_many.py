@@ -93,19 +93,19 @@ def test_a_piece_that_cannot_be_encoded_fails_alone_with_its_reason(tmp_path, mo
 
 def test_a_reader_that_loses_a_piece_stops_the_batch_instead_of_mislabelling_it(tmp_path, monkeypatch):
     from midiforge.errors import MidiforgeError
-    from midiforge.pipeline import preprocess
+    from midiforge.pipeline import preprocess_batch
 
     src = tmp_path / "src"
     src.mkdir()
     for k in range(3):
         (src / f"{k}.mid").write_bytes(piece_to_midi(Piece.from_columns([60 + k], [0.0], [1.0], [90], [0])))
-    read_pieces = preprocess.read_pieces
+    read_pieces = preprocess_batch.read_pieces
 
     def lossy(units, options):  # a reader bug: the first piece vanishes, its outcome says it was read
         batch, errors = read_pieces(units, options)
         return batch.slice(1, len(batch)), errors
 
-    monkeypatch.setattr(preprocess, "read_pieces", lossy)
+    monkeypatch.setattr(preprocess_batch, "read_pieces", lossy)
     with pytest.raises(MidiforgeError, match="returned 2 pieces and 3 outcomes for 3 units"):
         process_batch(0, list_inputs(str(src)), str(tmp_path / "out"), StorageOptions(), PreprocessSettings())
     assert not (tmp_path / "out" / "_work").exists()  # no journal: the batch counts as not done

@@ -142,7 +142,7 @@ def test_duplicates_resolve_the_same_whatever_the_batching(tmp_path, ray_local, 
 
 
 def test_an_input_without_an_outcome_stops_finalize(tmp_path, ray_local):
-    from midiforge.pipeline.preprocess import finalize
+    from midiforge.pipeline.preprocess_finalize import finalize
 
     src = tmp_path / "src"
     src.mkdir()

@@ -7,8 +7,9 @@ import pytest
 
 import numpy as np
 
-from midiforge.pipeline.preprocess import (
-    BATCHES_PER_WORKER, FILE_COST_BYTES, MAX_BATCH, MIN_BATCH, InputRef, _plan_batches, _same_sizes_together,
+from midiforge.pipeline.preprocess_inputs import InputRef
+from midiforge.pipeline.preprocess_plan import (
+    BATCHES_PER_WORKER, FILE_COST_BYTES, MAX_BATCH, MIN_BATCH, plan_batches, same_sizes_together,
 )
 
 
@@ -21,8 +22,8 @@ def _refs(sizes):
 def test_batches_cover_every_file_once_with_about_the_same_work(files, workers):
     sizes = np.random.default_rng(files * 10 + workers).lognormal(8, 1, files).astype(int)  # MIDI-like sizes
     refs = _refs(sizes)
-    batches = _plan_batches(refs, workers)
-    assert [r for b in batches for r in b] == _same_sizes_together(refs)  # runs of that order, each file once
+    batches = plan_batches(refs, workers)
+    assert [r for b in batches for r in b] == same_sizes_together(refs)  # runs of that order, each file once
     assert all(1 <= len(b) <= MAX_BATCH for b in batches)
     per_file = max(MIN_BATCH, min(MAX_BATCH, math.ceil(files / (workers * BATCHES_PER_WORKER))))
     count = math.ceil(math.ceil(files / per_file) / workers) * workers
@@ -39,32 +40,32 @@ def test_batches_cover_every_file_once_with_about_the_same_work(files, workers):
 def test_the_two_shared_corpus_sizes():
     rng = np.random.default_rng(0)
     for files, workers, count in [(92, 1, 1), (92, 2, 2), (1034, 1, 2), (1034, 2, 4)]:
-        assert len(_plan_batches(_refs(rng.integers(500, 9000, files)), workers)) == count
-    big = _plan_batches(_refs(rng.integers(500, 9000, 100_000)), 8)
+        assert len(plan_batches(_refs(rng.integers(500, 9000, files)), workers)) == count
+    big = plan_batches(_refs(rng.integers(500, 9000, 100_000)), 8)
     assert len(big) % 8 == 0 and max(map(len, big)) <= MAX_BATCH  # 104 batches = 13 per worker
 
 
 def test_many_small_files_in_one_stretch_are_split_and_unknown_sizes_count_as_the_mean():
     refs = _refs([10] * 3000 + [5_000_000])  # one huge file: the other batch holds 3000 tiny ones
-    batches = _plan_batches(refs, 1)
-    assert [r for b in batches for r in b] == _same_sizes_together(refs)
+    batches = plan_batches(refs, 1)
+    assert [r for b in batches for r in b] == same_sizes_together(refs)
     assert max(map(len, batches)) <= MAX_BATCH and len(batches) >= 4
     unknown = [InputRef(f"u{i}.mid", "/r", f"u{i}.mid") for i in range(300)]
-    assert [len(b) for b in _plan_batches(unknown, 2)] == [75] * 4
+    assert [len(b) for b in plan_batches(unknown, 2)] == [75] * 4
 
 
 def test_batch_files_asks_for_runs_of_that_many_files():
     refs = _refs(range(100, 110))
-    assert [len(b) for b in _plan_batches(refs, 2, batch_files=3)] == [3, 3, 3, 1]
-    assert _plan_batches([], 2) == []
+    assert [len(b) for b in plan_batches(refs, 2, batch_files=3)] == [3, 3, 3, 1]
+    assert plan_batches([], 2) == []
 
 
 def test_files_of_one_size_go_together_in_a_fixed_order():
     refs = [InputRef(f"f{i:03d}.mid", "/r", f"f{i:03d}.mid", size) for i, size in
             enumerate([10, 20, 10, 30, 20, 10, 40, -1, -1, 30])]
-    out = _same_sizes_together(refs)
+    out = same_sizes_together(refs)
     assert sorted(out, key=lambda r: r.source) == refs  # every file once
-    assert out == _same_sizes_together(list(reversed(refs)))  # whatever the listing order
+    assert out == same_sizes_together(list(reversed(refs)))  # whatever the listing order
     sizes = [r.size for r in out if r.size >= 0]
     runs = [s for i, s in enumerate(sizes) if i == 0 or sizes[i - 1] != s]
     assert len(runs) == len(set(sizes))  # each size in one run

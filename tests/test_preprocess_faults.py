@@ -224,9 +224,8 @@ def _lyric_only_midi(size: int) -> bytes:
 def test_big_files_are_cut_into_batches_of_bounded_bytes_with_memory_reserved(tmp_path):
     """Issue 14.4: three 40 MB lyric-only MIDI files asked in one batch of 100 files run as three batches
     (MAX_BATCH_BYTES), each reserving Ray memory for its bytes; all three fail as no_notes."""
-    from midiforge.pipeline.preprocess import (
-        MAX_BATCH_BYTES, MEMORY_BASE, MEMORY_FACTOR, InputRef, _batch_bytes, _cap_bytes,
-    )
+    from midiforge.pipeline.preprocess_inputs import InputRef
+    from midiforge.pipeline.preprocess_plan import MAX_BATCH_BYTES, MEMORY_BASE, MEMORY_FACTOR, batch_bytes, cap_bytes
 
     src = tmp_path / "src"
     names = _few_files(src, 3)
@@ -240,10 +239,10 @@ def test_big_files_are_cut_into_batches_of_bounded_bytes_with_memory_reserved(tm
     assert m["timing"]["batch_count"] >= 3  # no batch holds two of the big files
     # the cut, and what a batch asks of Ray (bytes of files over --max-bytes are never read: 0)
     refs = [InputRef(f"{k}.mid", "", "", s) for k, s in enumerate([40 << 20, 10, 40 << 20, 30 << 20, 5, 99 << 20])]
-    batches = _cap_bytes([refs], max_bytes=64 << 20)
+    batches = cap_bytes([refs], max_bytes=64 << 20)
     assert [[r.source for r in b] for b in batches] == [["0.mid", "1.mid"], ["2.mid"], ["3.mid", "4.mid", "5.mid"]]
-    assert all(_batch_bytes(b, 64 << 20) <= MAX_BATCH_BYTES for b in batches)
-    assert MEMORY_BASE + MEMORY_FACTOR * _batch_bytes(batches[0], 64 << 20) > 12 * (40 << 20)  # > the measured 12x
+    assert all(batch_bytes(b, 64 << 20) <= MAX_BATCH_BYTES for b in batches)
+    assert MEMORY_BASE + MEMORY_FACTOR * batch_bytes(batches[0], 64 << 20) > 12 * (40 << 20)  # > the measured 12x
     assert names
 
 
