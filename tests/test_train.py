@@ -115,6 +115,50 @@ def test_class_weights_lift_rare_tokens_and_keep_the_loss_scale():
 
 
 # ---------------------------------------------------------------------------------------------
+# settings (pure)
+# ---------------------------------------------------------------------------------------------
+def _parse_train_flags(argv: list[str]):
+    import argparse
+
+    from midiforge.pipeline import train
+
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    return train.settings_from_args(parser.parse_args(argv))
+
+
+def test_s3_retry_seconds_reaches_the_training_storage_options(monkeypatch):
+    from midiforge.pipeline.train_settings import TrainSettings
+
+    monkeypatch.delenv("MIDIFORGE_S3_RETRY_SECONDS", raising=False)
+    s = _parse_train_flags(["shards", "model", "--s3-retry-seconds", "7.5", "--s3-max-attempts", "2"])
+    options = s.storage_options()
+    assert (options.retry_seconds, options.max_attempts) == (7.5, 2)
+    assert TrainSettings.from_dict(s.to_dict()).storage_options().retry_seconds == 7.5   # as Ray workers get it
+    assert "s3_retry_seconds" not in s.run_settings()    # not a training setting: run.json does not record it
+    monkeypatch.setenv("MIDIFORGE_S3_RETRY_SECONDS", "3")   # no flag: the environment, as for the other stages
+    assert _parse_train_flags(["shards", "model"]).storage_options().retry_seconds == 3.0
+    with pytest.raises(MidiforgeError, match="--s3-retry-seconds"):
+        TrainSettings("shards", "model", s3_retry_seconds=-1)
+
+
+def test_flag_help_shows_the_settings_defaults():
+    import argparse
+
+    from midiforge.pipeline import train
+    from midiforge.pipeline.train_settings import DEFAULTS, TrainSettings
+
+    defaults = TrainSettings("shards", "model")
+    assert DEFAULTS and all(getattr(defaults, k) == v for k, v in DEFAULTS.items())
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    helps = {a.dest: a.help for a in parser._actions}
+    assert f"(default {DEFAULTS['epochs']})" in helps["epochs"]
+    assert "(default 256,256)" in helps["lstm_units"] and "default off" in helps["mixed_precision"]
+    assert all(a.default is None for a in parser._actions if a.dest in DEFAULTS)   # unset flags: not "explicit"
+
+
+# ---------------------------------------------------------------------------------------------
 # end to end
 # ---------------------------------------------------------------------------------------------
 def test_single_worker_without_configuration(shards, tmp_path):

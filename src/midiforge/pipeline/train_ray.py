@@ -2,7 +2,7 @@
 
 Ray Train's TensorflowTrainer starts ``--num-workers`` workers and sets ``TF_CONFIG`` for each;
 every worker then calls the same training function as any other launcher
-(:func:`midiforge.pipeline.train.run_training`), with every ``midiforge train`` setting.
+(:func:`midiforge.pipeline.train_worker.run_training`), with every ``midiforge train`` setting.
 
     midiforge train SHARDS MODEL_DIR --launcher ray --num-workers 4 --cpus-per-worker 8 [train flags]
     midiforge train ... --launcher ray --address HEAD:6379     # on an existing Ray cluster
@@ -24,6 +24,8 @@ import tempfile
 from midiforge.errors import MidiforgeError
 
 DEFAULT_WORKERS = 2
+DEFAULT_CPUS_PER_WORKER = 1.0
+DEFAULT_MAX_FAILURES = 0
 
 
 def _worker_loop(config: dict) -> None:
@@ -32,7 +34,8 @@ def _worker_loop(config: dict) -> None:
 
     import ray.train
 
-    from midiforge.pipeline.train import TrainSettings, run_training
+    from midiforge.pipeline.train_settings import TrainSettings
+    from midiforge.pipeline.train_worker import run_training
 
     logging.getLogger("tensorflow").setLevel(logging.WARNING)   # Ray's workers log INFO otherwise
     try:
@@ -46,8 +49,8 @@ def _worker_loop(config: dict) -> None:
 _MARK = "\x1emidiforge-error\x1e"
 
 
-def run_on_ray(settings, *, num_workers: int = DEFAULT_WORKERS, cpus_per_worker: float = 1.0, use_gpu: bool = False,
-               max_failures: int = 0, address: str | None = None) -> dict:
+def run_on_ray(settings, *, num_workers: int = DEFAULT_WORKERS, cpus_per_worker: float = DEFAULT_CPUS_PER_WORKER,
+               use_gpu: bool = False, max_failures: int = DEFAULT_MAX_FAILURES, address: str | None = None) -> dict:
     """Train with ``num_workers`` Ray Train workers; returns the run's summary (read from MODEL_DIR:
     Ray Train 2.5x keeps no metrics of reports without a checkpoint)."""
     if num_workers < 1:
@@ -86,7 +89,7 @@ def run_on_ray(settings, *, num_workers: int = DEFAULT_WORKERS, cpus_per_worker:
             if _MARK in text:
                 raise MidiforgeError(text.split(_MARK)[1]) from None
             raise RayTrainingFailed(text) from None
-        from midiforge.pipeline.train import run_summary
+        from midiforge.pipeline.train_state import run_summary
 
         return {**(result.metrics or {}), **run_summary(settings)}
     finally:
@@ -104,8 +107,8 @@ def main_ray(settings, args: argparse.Namespace) -> int:
 
     try:
         metrics = run_on_ray(settings, num_workers=args.num_workers or DEFAULT_WORKERS,
-                             cpus_per_worker=args.cpus_per_worker or 1.0, use_gpu=bool(args.use_gpu),
-                             max_failures=args.max_failures or 0, address=args.address)
+                             cpus_per_worker=args.cpus_per_worker or DEFAULT_CPUS_PER_WORKER, use_gpu=bool(args.use_gpu),
+                             max_failures=args.max_failures or DEFAULT_MAX_FAILURES, address=args.address)
     except RayTrainingFailed as exc:
         print(f"midiforge train: training on Ray failed: {exc}", file=sys.stderr)
         return 1
