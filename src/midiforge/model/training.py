@@ -12,7 +12,7 @@ import io
 import os
 import tempfile
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -26,7 +26,11 @@ import sys
 from dataclasses import fields
 
 from midiforge.errors import MidiforgeError
-from midiforge.pipeline.train_ray import DEFAULT_CPUS_PER_WORKER, DEFAULT_MAX_FAILURES, DEFAULT_WORKERS
+from midiforge.pipeline.train_ray import (
+    DEFAULT_CPUS_PER_WORKER,
+    DEFAULT_MAX_FAILURES,
+    DEFAULT_WORKERS,
+)
 from midiforge.pipeline.train_settings import (
     CLASS_WEIGHTINGS,
     DEFAULTS,

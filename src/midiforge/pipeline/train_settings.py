@@ -105,7 +105,7 @@ class TrainSettings:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainSettings":
+    def from_dict(cls, d: dict) -> TrainSettings:
         return cls(**d)
 
     def storage_options(self) -> StorageOptions:

@@ -13,13 +13,20 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from midiforge.errors import MidiforgeError
 from midiforge.pipeline.train_settings import MAX_VALIDATION_STEPS, TrainSettings
-from midiforge.pipeline.train_state import BACKUP_PREFIX, Plan, RunState, inspect_model_dir, plan_run, utc_now
+from midiforge.pipeline.train_state import (
+    BACKUP_PREFIX,
+    Plan,
+    RunState,
+    inspect_model_dir,
+    plan_run,
+    utc_now,
+)
 from midiforge.pipeline.train_stop import StopSignals, TrainingStopped
 from midiforge.pipeline.train_writer import RunWriter
 from midiforge.storage.manifest import read_json

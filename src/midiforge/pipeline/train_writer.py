@@ -8,7 +8,14 @@ import shutil
 import signal
 from pathlib import Path
 
-from midiforge.pipeline.train_state import BACKUP_PREFIX, METRICS, RUN, Plan, RunState, utc_now
+from midiforge.pipeline.train_state import (
+    BACKUP_PREFIX,
+    METRICS,
+    RUN,
+    Plan,
+    RunState,
+    utc_now,
+)
 from midiforge.storage.manifest import read_json
 from midiforge.storage.store import LocalStore, Store
 
