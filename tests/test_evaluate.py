@@ -19,11 +19,11 @@ from midiforge.music import metrics as M
 from midiforge.music.midi_io import piece_to_midi
 from midiforge.music.piece import Piece
 from midiforge.music.tokenizers import BOS_ID, EOS_ID, make_tokenizer
-from midiforge.pipeline.evaluate import _content, evaluate
+from midiforge.pipeline.evaluate import evaluate
 from midiforge.pipeline.piece_sets import read_token_split
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_helpers import make_shards  # noqa: E402
+from train_helpers import make_shards
 
 TOK = make_tokenizer("events")
 
@@ -48,8 +48,15 @@ def loop_tokens(k: int = 16) -> np.ndarray:
 
 def _pieces_output(dest: Path, items: list[tuple[str, np.ndarray, Piece]]) -> None:
     """A finished generate output in the pieces format (one shard, manifest last), these pieces in it."""
-    from midiforge.pipeline.pieces import COLUMNS, file_entries, read_shard_info, rows_table, shard_entries, \
-        shard_rel, write_shard
+    from midiforge.pipeline.pieces import (
+        COLUMNS,
+        file_entries,
+        read_shard_info,
+        rows_table,
+        shard_entries,
+        shard_rel,
+        write_shard,
+    )
     from midiforge.storage import file_entry, open_store, write_manifest
 
     store = open_store(str(dest))
@@ -168,14 +175,14 @@ def trained(tmp_path_factory):
                            "--epochs", "2", "--steps-per-epoch", "30", "--validation-steps", "2", "--seq-len", "32",
                            "--batch-size", "16", "--lstm-units", "48", "--embedding-dim", "16", "--progress", "none",
                            "--learning-rate", "0.01"],
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root
 
 
 def test_memorisation_finds_a_copied_training_piece_and_model_loss_beside_a_5gram(trained, tmp_path):
-    from midiforge.pipeline.bundles import load_bundle
     from midiforge.model.lstm import tf_keras
+    from midiforge.pipeline.bundles import load_bundle
 
     shards, model = trained / "tokens", trained / "model"
     tok, _split, train = read_token_split(str(shards), "train", originals_only=False)
@@ -202,7 +209,7 @@ def test_memorisation_finds_a_copied_training_piece_and_model_loss_beside_a_5gra
     assert loss["targets"] == targets and loss["pieces"] == len(held)
     # the model's loss, recomputed with the Keras model over each whole piece at once
     bundle = load_bundle(str(model))
-    _tf, keras = tf_keras()
+    _tf, _keras = tf_keras()
     net = bundle.build()
     nll = []
     for _s, t in held:

@@ -131,7 +131,7 @@ def loss_comparison(bundle, reference_tokens: list[np.ndarray], train_tokens: li
     ngram_lp = lm.log_probs(seqs)
     model_loss, ngram_loss = float(-model_lp.mean()), float(-ngram_lp.mean())
     return {"checkpoint": bundle.checkpoint, "bundle": bundle.uri, "tokenizer": bundle.tokenizer.id,
-            "targets": int(len(model_lp)), "pieces": len(seqs), "model_nats_per_token": model_loss,
+            "targets": len(model_lp), "pieces": len(seqs), "model_nats_per_token": model_loss,
             f"ngram{order}_nats_per_token": ngram_loss, "ngram_order": order,
             "train_tokens": int(sum(len(t) for t in train_tokens)),
             "uniform_nats_per_token": math.log(bundle.config.vocab_size),

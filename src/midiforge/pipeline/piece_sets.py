@@ -76,7 +76,7 @@ def _tokens_match(tokenizer: Tokenizer, tokens: np.ndarray, piece) -> bool:
             return True
         theirs = tokenizer.decode(tokens, piece.time_signature)
         return _notes(tokenizer.decode(mine, piece.time_signature)) == _notes(theirs)
-    except Exception:  # a foreign id that this tokenizer cannot decode
+    except Exception:  # noqa: BLE001 - a foreign id that this tokenizer cannot decode
         return False
 
 
@@ -189,7 +189,12 @@ def read_token_split(uri: str, split: str | None, storage: StorageOptions | None
     """(tokenizer, split used, [(source, tokens)]) of a preprocess output; ``split`` None: test if it
     has pieces, else validation.  ``originals_only`` leaves out transposed copies.  The shards are
     read (and verified against the manifest) by :func:`midiforge.pipeline.tokens.read_shard`."""
-    from midiforge.pipeline.tokens import MANIFEST, manifest_shards, read_output_manifest, read_shard
+    from midiforge.pipeline.tokens import (
+        MANIFEST,
+        manifest_shards,
+        read_output_manifest,
+        read_shard,
+    )
     from midiforge.storage.manifest import manifest_entries
 
     store = open_store(uri, storage)

@@ -150,7 +150,8 @@ class AudioRenderer:
                 cmd = [self._fluidsynth, "-ni", "-q", "-g", "0.6", "-r", str(self.rate), "-F", str(wav),
                        self.soundfont, str(mid)]
                 try:
-                    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=self.timeout)
+                    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=self.timeout,
+                                          check=False)
                 except subprocess.TimeoutExpired:
                     raise MidiforgeError(f"fluidsynth took over {self.timeout:.0f} s on {dest.name}") from None
                 if proc.returncode != 0 or not wav.is_file():

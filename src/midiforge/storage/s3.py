@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 
 from midiforge.errors import MidiforgeError
 from midiforge.storage.s3_errors import (
-    CREDENTIALS_HELP as _CREDENTIALS_HELP,
+    CREDENTIALS_HELP,
     MAX_BACKOFF,
     Waiting,
     code_status,
@@ -69,7 +69,7 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
         shown = "s3://<credentials>@" + rest.rsplit("@", 1)[1]
         raise MidiforgeError(
             f"{redact(shown)}: refusing an s3:// URI that embeds credentials (user:secret@bucket); "
-            f"{_CREDENTIALS_HELP}. The endpoint of an S3-compatible store goes in --endpoint-url "
+            f"{CREDENTIALS_HELP}. The endpoint of an S3-compatible store goes in --endpoint-url "
             "or AWS_ENDPOINT_URL."
         )
     parts = urlsplit(uri)
@@ -77,7 +77,7 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
         shown = redact(uri.split("?", 1)[0].split("#", 1)[0])
         raise MidiforgeError(
             f"{shown}: refusing an s3:// URI with a query string or fragment (it may carry "
-            f"credentials or a signature, and object keys with '?' or '#' are not supported); {_CREDENTIALS_HELP}"
+            f"credentials or a signature, and object keys with '?' or '#' are not supported); {CREDENTIALS_HELP}"
         )
     bucket = parts.netloc
     _check_bucket(bucket)
@@ -101,7 +101,7 @@ def _check_bucket(bucket: str) -> None:
                "starting and ending with a letter or digit")
     elif ".." in bucket or ".-" in bucket or "-." in bucket:
         why = "not a valid S3 bucket name: no '..', '.-' or '-.'"
-    elif bucket.startswith("xn--") or bucket.endswith("-s3alias") or bucket.endswith("--ol-s3"):
+    elif bucket.startswith("xn--") or bucket.endswith(("-s3alias", "--ol-s3")):
         why = "not a valid S3 bucket name: reserved prefix or suffix"
     else:
         try:
@@ -127,7 +127,7 @@ def resolve_endpoint(options: StorageOptions) -> str | None:
     if "@" in parts.netloc:
         raise MidiforgeError(
             f"endpoint URL {parts.scheme}://<credentials>@{parts.hostname}: refusing an endpoint URL that embeds "
-            f"credentials; {_CREDENTIALS_HELP}"
+            f"credentials; {CREDENTIALS_HELP}"
         )
     if parts.query or parts.fragment:
         raise MidiforgeError(
@@ -212,7 +212,7 @@ class S3Store(VerifiedReads):
             if creds is not None:
                 frozen = creds.get_frozen_credentials()
                 self._secrets = tuple(v for v in (frozen.access_key, frozen.secret_key, frozen.token) if v)
-        except Exception as exc:  # a broken profile/role: say so without the details' secrets
+        except Exception as exc:  # noqa: BLE001 - a broken profile/role: say so without the details' secrets
             raise MidiforgeError(f"{self.uri}: cannot load AWS credentials ({redact(str(exc))})") from None
         return session.client("s3", endpoint_url=self.endpoint_url, config=config)
 

@@ -22,7 +22,7 @@ CREDENTIALS_HELP = (
 # Things that must never reach a log line or an error message, whatever botocore put there.
 _SECRET_PATTERNS = [
     (re.compile(r"\b(?:AKIA|ASIA|AIDA|AROA|ANPA|ANVA|AGPA|AIPA)[A-Z0-9]{12,}\b"), "<access-key-id>"),
-    (re.compile(r"(X-Amz-(?:Credential|Signature|Security-Token)=)[^&\s\"'<>]+", re.I), r"\1<redacted>"),
+    (re.compile(r"(X-Amz-(?:Credential|Signature|Security-Token)=)[^&\s\"'<>]+", re.IGNORECASE), r"\1<redacted>"),
     (re.compile(r"(Credential=)[^,\s\"'<>]+"), r"\1<redacted>"),
     (re.compile(r"(Signature=)[0-9a-fA-F]+"), r"\1<redacted>"),
     (re.compile(r"(AWSAccessKeyId=)[^&\s\"'<>]+"), r"\1<redacted>"),
@@ -76,11 +76,11 @@ def transient(exc: BaseException) -> bool:
     from boto3.exceptions import RetriesExceededError, S3UploadFailedError
     from botocore.exceptions import (
         ClientError,
-        ConnectionError as BotoConnectionError,
         HTTPClientError,
         IncompleteReadError,
         SSLError,
     )
+    from botocore.exceptions import ConnectionError as BotoConnectionError
 
     if isinstance(exc, ClientError):
         code, status = code_status(exc)
@@ -101,11 +101,11 @@ def job_wide(exc: BaseException) -> bool:
     from boto3.exceptions import RetriesExceededError, S3UploadFailedError
     from botocore.exceptions import (
         ClientError,
-        ConnectionError as BotoConnectionError,
         NoCredentialsError,
         PartialCredentialsError,
         ResponseStreamingError,
     )
+    from botocore.exceptions import ConnectionError as BotoConnectionError
 
     if isinstance(exc, ClientError):
         err = exc.response.get("Error", {}) if isinstance(exc.response, dict) else {}
@@ -211,8 +211,8 @@ def client_reason(exc, bucket: str, secrets: tuple[str, ...] = ()) -> str:
 def other_reason(exc, endpoint_url: str | None, max_attempts: int, secrets: tuple[str, ...] = (),
                  waited: float = 0.0) -> str:
     """Why a request got no answer, or failed before or after one (credentials, connection, transfer)."""
+    from botocore.exceptions import ConnectionError as BotoConnectionError
     from botocore.exceptions import (
-        ConnectionError as BotoConnectionError,
         NoCredentialsError,
         PartialCredentialsError,
     )
