@@ -121,12 +121,13 @@ def test_sigterm_to_one_of_two_workers_stops_both_after_a_backup_and_the_rerun_i
 
 @pytest.mark.slow
 def test_sigusr1_stops_a_single_worker_with_a_backup_and_the_rerun_is_exact(shards, tmp_path):
-    out, epochs = tmp_path / "model", 3
+    # one worker's epoch takes ~0.3 s: 12 of them leave the signal seconds before the run could end
+    out, epochs = tmp_path / "model", 12
     args = _args(shards, out, epochs, tmp_path / "cache", "--backup-every", "4")
     with Workers(tmp_path, "attempt1") as w:
         w.start([args], [worker_env()])
         assert w.wait_for(lambda: epochs_in(out / "metrics.jsonl"), 240), w.log()[-3000:]
-        time.sleep(0.5)
+        time.sleep(0.1)
         w.signal(0, signal.SIGUSR1)
         codes = w.wait(120)
         assert codes == [STOP_EXIT_CODE], w.log()[-3000:]

@@ -1,6 +1,6 @@
 /* EventsTokenizer.encode_batch, compiled: for a batch of pieces, the grid (onset and duration
  * steps, velocity bin, instrument), the canonical order (one packed key a note, sorted) and the ids.
- * The NumPy code in tokenizers.py (_grid, _batch_order, _emit_numpy) stays the reference, and the
+ * The NumPy code in tokenizers/events.py (_grid, _batch_order, _emit_numpy) stays the reference, and the
  * path for a batch this code declines; the tests check both give the same ids on every shared file.
  *
  * Only the buffer protocol is used (no NumPy headers).

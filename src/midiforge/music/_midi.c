@@ -74,7 +74,7 @@ static int layout(const uint8_t *p, Py_ssize_t n, Layout *l) {
 }
 
 /* which tracks to read: all, or (first_only) every track of the first pitched program, like
- * music21's partitionByInstrument()[0]; the same rule as readers._keep_tracks */
+ * music21's partitionByInstrument()[0]; the same rule as midi_columns._keep_tracks */
 static int keep(const Layout *l, uint32_t t, int first_only, int *first_program) {
     const Track *tr = &l->tracks[t];
     if (tr->count == 0) return 0;
@@ -198,7 +198,7 @@ static PyObject *scan(PyObject *self, PyObject *args) {
     return PyLong_FromLongLong(total);
 }
 
-/* seconds at end_tick under the tempo map, as readers._seconds computes them (same sums, same order):
+/* seconds at end_tick under the tempo map, as midi_columns._seconds computes them (same sums, same order):
  * 120 qpm until a first tempo after tick 0; tempos at or after end_tick do not count */
 static double seconds(const uint8_t *p, const Layout *l, int64_t end_tick) {
     double total = 0.0, m = 500000.0;
@@ -327,7 +327,7 @@ static PyObject *fill(PyObject *self, PyObject *args) {
 /* ---------------------------------------------------------------------------------------------
  * ticks(datas, out): for each Standard MIDI File (bytes), the largest sum of delta times of one of
  * its MTrk chunks (int64), to find files whose times wrap past int32 (symusic's tick type) before
- * anyone reads them as music.  readers._smf_ticks is the same walk in Python; the rules, kept
+ * anyone reads them as music.  smf._smf_ticks is the same walk in Python; the rules, kept
  * simple and the same in both: chunks from after the header chunk, 8-byte heads, a length past the
  * end cut to the end; in an MTrk, events until the chunk ends, an end-of-track meta event, a
  * delta or length of more than 4 bytes, or a data byte with no running status; running status
