@@ -61,6 +61,10 @@ def test_preprocess_train_generate_keeps_the_primers_meter(tmp_path):
     rows = [r for s in manifest["shards"] for r in tokens.read_shard(store, s["path"], entry=s).to_pylist()]
     meter = {r["source"]: (r["ts_numerator"], r["ts_denominator"]) for r in rows}
     assert meter == TUNES
+    # evaluate's reference set decodes each tune in its own meter
+    from midiforge.pipeline.piece_sets import load_token_set
+    ref, _tok = load_token_set(str(data), "validation")
+    assert ref.names and all(p.time_signature == TUNES[n] for n, p in zip(ref.names, ref.pieces))
 
     # train: one short epoch on them
     _cli("train", str(data), str(model), "--epochs", "1", *SMALL, "--seq-len", "16",

@@ -185,10 +185,11 @@ def _read_tokenizer(store, entries: dict) -> Tokenizer:
 
 
 def read_token_split(uri: str, split: str | None, storage: StorageOptions | None = None, *,
-                     originals_only: bool = True):
+                     originals_only: bool = True, meters: bool = False):
     """(tokenizer, split used, [(source, tokens)]) of a preprocess output; ``split`` None: test if it
-    has pieces, else validation.  ``originals_only`` leaves out transposed copies.  The shards are
-    read (and verified against the manifest) by :func:`midiforge.pipeline.tokens.read_shard`."""
+    has pieces, else validation.  ``originals_only`` leaves out transposed copies; ``meters`` adds each
+    piece's first time signature, (source, tokens, (numerator, denominator)).  The shards are read (and
+    verified against the manifest) by :func:`midiforge.pipeline.tokens.read_shard`."""
     from midiforge.pipeline.tokens import (
         MANIFEST,
         manifest_shards,
@@ -203,13 +204,16 @@ def read_token_split(uri: str, split: str | None, storage: StorageOptions | None
     tokenizer = _read_tokenizer(store, entries)
     rows: dict[str, list] = {}
     for s in manifest_shards(manifest, store.url(MANIFEST)):
-        t = read_shard(store, s["path"], ["source", "split", "transpose", "tokens"], entries.get(s["path"]))
+        t = read_shard(store, s["path"], ["source", "split", "transpose", "tokens", "ts_numerator",
+                                          "ts_denominator"], entries.get(s["path"]))
         src, spl, tr = t["source"].to_pylist(), t["split"].to_pylist(), t["transpose"].to_pylist()
+        meter = list(zip(t["ts_numerator"].to_pylist(), t["ts_denominator"].to_pylist()))
         toks = t["tokens"]
         for i in range(t.num_rows):
             if originals_only and tr[i] != 0:
                 continue
-            rows.setdefault(spl[i], []).append((src[i], np.asarray(toks[i].as_py(), dtype=np.int64)))
+            row = (src[i], np.asarray(toks[i].as_py(), dtype=np.int64))
+            rows.setdefault(spl[i], []).append((*row, meter[i]) if meters else row)
     if split is None:
         split = "test" if rows.get("test") else "validation"
     if not rows.get(split):
@@ -220,14 +224,14 @@ def read_token_split(uri: str, split: str | None, storage: StorageOptions | None
 
 def load_token_set(uri: str, split: str | None, storage: StorageOptions | None = None,
                    max_pieces: int | None = None) -> tuple[PieceSet, object]:
-    """The pieces of one split of a preprocess output, decoded with its tokenizer."""
-    tokenizer, split, rows = read_token_split(uri, split, storage)
+    """The pieces of one split of a preprocess output, decoded with its tokenizer in each piece's meter."""
+    tokenizer, split, rows = read_token_split(uri, split, storage, meters=True)
     if max_pieces:
         rows = rows[:max_pieces]
     out = PieceSet(open_store(uri, storage).uri, "tokens", split=split, tokens_from=f"the shards ({tokenizer.id})")
-    for source, tokens in rows:
+    for source, tokens, meter in rows:
         out.names.append(source)
-        out.pieces.append(tokenizer.decode(tokens))
+        out.pieces.append(tokenizer.decode(tokens, meter))
         out.tokens.append(tokens)
         out.midi.append(None)
     return out, tokenizer
