@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 import pyarrow.parquet as pq
-
+import pytest
 from corpora import midi_files
+
+from midiforge.music.midi_io import piece_to_midi
 from midiforge.music.piece import DRUM_PROGRAM, Piece
 from midiforge.music.readers import read_piece
 from midiforge.music.tokenizers import EventsConfig, EventsTokenizer
-from midiforge.music.midi_io import piece_to_midi
 from midiforge.pipeline.preprocess import PreprocessSettings, list_inputs, process_batch
 from midiforge.storage import StorageOptions
 

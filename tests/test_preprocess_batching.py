@@ -3,13 +3,17 @@ from __future__ import annotations
 
 import math
 
-import pytest
-
 import numpy as np
+import pytest
 
 from midiforge.pipeline.preprocess_inputs import InputRef
 from midiforge.pipeline.preprocess_plan import (
-    BATCHES_PER_WORKER, FILE_COST_BYTES, MAX_BATCH, MIN_BATCH, plan_batches, same_sizes_together,
+    BATCHES_PER_WORKER,
+    FILE_COST_BYTES,
+    MAX_BATCH,
+    MIN_BATCH,
+    plan_batches,
+    same_sizes_together,
 )
 
 

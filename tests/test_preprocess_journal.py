@@ -6,7 +6,14 @@ import json
 import pytest
 
 from midiforge.errors import MidiforgeError
-from midiforge.pipeline.preprocess_journal import JOURNAL_SCHEMA, Journal, Outcome, journal_path, read_journal, write_journal
+from midiforge.pipeline.preprocess_journal import (
+    JOURNAL_SCHEMA,
+    Journal,
+    Outcome,
+    journal_path,
+    read_journal,
+    write_journal,
+)
 from midiforge.storage import open_store
 
 #: a journal as the driver wrote it before the record existed: {column: values}, compact JSON

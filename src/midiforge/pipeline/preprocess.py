@@ -20,16 +20,27 @@ from dataclasses import dataclass, field
 from midiforge.errors import MidiforgeError
 from midiforge.music.readers import SUFFIXES, ReadOptions
 from midiforge.music.tokenizers import EventsConfig
-from midiforge.storage import StorageOptions, open_store, read_manifest
 from midiforge.pipeline.preprocess_batch import PreprocessSettings, process_batch
 from midiforge.pipeline.preprocess_finalize import Clock, finalize
-from midiforge.pipeline.preprocess_inputs import InputRef, list_inputs, sample_inputs, src_uri
+from midiforge.pipeline.preprocess_inputs import (
+    InputRef,
+    list_inputs,
+    sample_inputs,
+    src_uri,
+)
 from midiforge.pipeline.preprocess_journal import (
-    WORK, Journal, drop_journals_without_rows, journal_parts, next_epoch, read_journal, run_marker,
+    WORK,
+    Journal,
+    drop_journals_without_rows,
+    journal_parts,
+    next_epoch,
+    read_journal,
+    run_marker,
 )
 from midiforge.pipeline.preprocess_plan import FILE_TIMEOUT, cap_bytes, plan_batches
 from midiforge.pipeline.preprocess_runner import BatchRunner
 from midiforge.pipeline.ray_runtime import start_ray
+from midiforge.storage import StorageOptions, open_store, read_manifest
 
 # what other modules, tests and benchmarks take from here
 __all__ = ["InputRef", "PreprocessSettings", "add_arguments", "list_inputs", "main", "process_batch", "run_preprocess",
@@ -185,7 +196,7 @@ def _run_batches(run: _Run, todo: list[InputRef], total: int, storage: StorageOp
 def _utc(t: float) -> str:
     import datetime as _dt
 
-    return _dt.datetime.fromtimestamp(t, _dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.fromtimestamp(t, _dt.UTC).isoformat(timespec="seconds")
 
 
 
@@ -301,9 +312,8 @@ def settings_from_args(args) -> PreprocessSettings:
 
 
 def main(args) -> int:
-    from midiforge.storage.cli_options import options_from_args
-
     from midiforge.pipeline.slurm_ray import run_with_cluster
+    from midiforge.storage.cli_options import options_from_args
 
     settings = settings_from_args(args)
     manifest = run_with_cluster(args.cluster, args.address, lambda address: run_preprocess(

@@ -17,11 +17,11 @@ from midiforge.errors import MidiforgeError, PieceError
 from midiforge.music.piece import PieceBatch
 from midiforge.music.readers import ReadOptions, file_format, read_pieces, split_units
 from midiforge.music.tokenizers import make_tokenizer
-from midiforge.storage import StorageOptions, StorageUnavailableError, open_store
 from midiforge.pipeline import tokens as T
 from midiforge.pipeline.preprocess_inputs import InputRef
 from midiforge.pipeline.preprocess_journal import Journal, Outcome, write_journal
 from midiforge.pipeline.tokens import SPLITS
+from midiforge.storage import StorageOptions, StorageUnavailableError, open_store
 from midiforge.storage.shards import int_lists
 
 
@@ -29,7 +29,7 @@ from midiforge.storage.shards import int_lists
 class PreprocessSettings:
     tokenizer: str = "events"
     tokenizer_settings: dict = field(default_factory=dict)
-    read: ReadOptions = ReadOptions()
+    read: ReadOptions = ReadOptions()  # noqa: RUF009 - frozen: one shared default is safe
     splits: tuple[float, float, float] = (0.9, 0.05, 0.05)
     transpose: tuple[int, ...] = ()
     sample: int | None = None
@@ -172,7 +172,7 @@ def _read_input(ref: InputRef, stores: dict, storage: StorageOptions, max_bytes:
         raise
     except PieceError as exc:  # e.g. not_regular: a FIFO, a device, a link loop; never read
         return Outcome.failure(ref.source, ref.source, exc.reason, exc.detail)
-    except Exception as exc:  # any storage failure: recorded as read_error, the job goes on
+    except Exception as exc:  # noqa: BLE001 - any storage failure: recorded as read_error, the job goes on
         return Outcome.failure(ref.source, ref.source, "read_error", f"{type(exc).__name__}: {exc}")
 
 
@@ -330,12 +330,12 @@ def _encode_rows(tok, batch: PieceBatch, pids: list[str]) -> tuple[pa.ListArray,
     bad: dict[str, str] = {}
     try:
         ids, offsets = tok.encode_batch(batch)
-    except Exception:  # some piece cannot be encoded: find which, one by one
+    except Exception:  # noqa: BLE001 - some piece cannot be encoded: find which, one by one
         parts = []
         for i, pid in enumerate(pids):
             try:
                 parts.append(tok.encode(batch.piece(i)))
-            except Exception as exc:  # recorded in the journal by the caller, with its reason
+            except Exception as exc:  # noqa: BLE001 - recorded in the journal by the caller, with its reason
                 bad.setdefault(pid, f"{type(exc).__name__}: {exc}")
                 parts.append(np.zeros(0, np.int32))
         return int_lists(parts), bad
@@ -348,7 +348,7 @@ def _classic_texts(tok, batch: PieceBatch, pids: list[str]) -> tuple[list[list[s
     for i, pid in enumerate(pids):
         try:
             texts.append(tok.encode_text(batch.piece(i)))
-        except Exception as exc:  # recorded in the journal by the caller, with its reason
+        except Exception as exc:  # noqa: BLE001 - recorded in the journal by the caller, with its reason
             bad.setdefault(pid, f"{type(exc).__name__}: {exc}")
             texts.append([])
     return texts, bad

@@ -12,15 +12,25 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from midiforge.errors import MidiforgeError
-from midiforge.storage import file_entry, map_parallel, write_manifest
 from midiforge.pipeline import tokens as T
 from midiforge.pipeline.preprocess_batch import (
-    STATS_COLUMNS, PreprocessSettings, read_piece_table, shard_info, write_piece_table,
+    STATS_COLUMNS,
+    PreprocessSettings,
+    read_piece_table,
+    shard_info,
+    write_piece_table,
 )
 from midiforge.pipeline.preprocess_journal import (
-    JOURNAL_SCHEMA, WORK, Journal, journal_parts, journal_path, read_journal, write_journal,
+    JOURNAL_SCHEMA,
+    WORK,
+    Journal,
+    journal_parts,
+    journal_path,
+    read_journal,
+    write_journal,
 )
 from midiforge.pipeline.tokens import SPLITS
+from midiforge.storage import file_entry, map_parallel, write_manifest
 from midiforge.storage.shards import int_lists, write_table
 
 

@@ -2,6 +2,7 @@
 its memory and its time.  Pure arithmetic, no Ray."""
 from __future__ import annotations
 
+import itertools
 import math
 import zlib
 
@@ -44,9 +45,9 @@ def plan_batches(refs: list[InputRef], workers: int, batch_files: int | None = N
     count = batch_count(len(order), workers)
     # the k-th cut after the first file whose cumulative cost reaches k/count of the total
     cuts = np.searchsorted(cost, cost[-1] * np.arange(1, count) / count, side="left") + 1
-    bounds = [0, *sorted(set(int(c) for c in cuts if 0 < c < len(order))), len(order)]
+    bounds = [0, *sorted({int(c) for c in cuts if 0 < c < len(order)}), len(order)]
     batches = []
-    for a, b in zip(bounds, bounds[1:]):
+    for a, b in itertools.pairwise(bounds):
         n = math.ceil((b - a) / MAX_BATCH)  # many small files in one stretch: split it evenly
         step = math.ceil((b - a) / n)
         batches.extend(order[i:min(i + step, b)] for i in range(a, b, step))

@@ -8,11 +8,28 @@ import math
 import time
 
 from midiforge.errors import MidiforgeError
-from midiforge.storage import StorageOptions
-from midiforge.pipeline.preprocess_batch import PreprocessSettings, ProgressBoard, batch_summary, is_fast, process_batch
+from midiforge.pipeline.preprocess_batch import (
+    PreprocessSettings,
+    ProgressBoard,
+    batch_summary,
+    is_fast,
+    process_batch,
+)
 from midiforge.pipeline.preprocess_inputs import InputRef
-from midiforge.pipeline.preprocess_journal import PARTS_PER_RUN, Journal, Outcome, write_journal
-from midiforge.pipeline.preprocess_plan import FILE_TIMEOUT, MEMORY_BASE, MEMORY_FACTOR, batch_bytes, time_limit
+from midiforge.pipeline.preprocess_journal import (
+    PARTS_PER_RUN,
+    Journal,
+    Outcome,
+    write_journal,
+)
+from midiforge.pipeline.preprocess_plan import (
+    FILE_TIMEOUT,
+    MEMORY_BASE,
+    MEMORY_FACTOR,
+    batch_bytes,
+    time_limit,
+)
+from midiforge.storage import StorageOptions
 
 #: a lost batch (worker died, or out of time) is cut into this many batches, down to single files
 SPLIT_WAYS = 8
@@ -46,7 +63,7 @@ def _process_packed(part: int, packed, dest_uri: str, storage: StorageOptions, s
 class _Job:
     """A batch sent (or to send) to Ray: its part number, files, deaths so far (single files), time limit."""
 
-    __slots__ = ("part", "batch", "tries", "limit", "start")
+    __slots__ = ("batch", "limit", "part", "start", "tries")
 
     def __init__(self, part: int, batch: list, tries: int, limit: float) -> None:
         self.part, self.batch, self.tries, self.limit, self.start = part, batch, tries, limit, None
