@@ -10,9 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
-import pytest
 
 from corpora import corpus
 from midiforge.music.readers import read_piece

@@ -9,10 +9,7 @@ local Ray; moto's S3 server on 127.0.0.1 (``s3_server``), stopped and restarted 
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import shutil
 import signal
 import subprocess
 import sys

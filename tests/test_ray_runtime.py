@@ -9,7 +9,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import pytest
 
 from corpora import corpus
 from raycluster import free_port

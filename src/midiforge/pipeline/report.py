@@ -235,20 +235,10 @@ def _out_dir(out: str | None, base: Path | None) -> Path:
 
 def _training_records(model: str | None, storage) -> list[dict]:
     """The records of the model's metrics.jsonl (none without a model or the file)."""
+    from midiforge.pipeline.train_state import read_metrics
     from midiforge.storage import open_store
 
-    records: list[dict] = []
-    if not model:
-        return records
-    store = open_store(model, storage)
-    if store.exists("metrics.jsonl"):
-        for n, line in enumerate(store.read_bytes("metrics.jsonl").decode().splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    raise MidiforgeError(f"{store.url('metrics.jsonl')}: line {n} is not JSON") from None
-    return records
+    return read_metrics(open_store(model, storage)) if model else []
 
 
 def _evaluation(out_dir: Path, pieces: str, reference: str, tokens: str | None, model: str | None, loss: bool,

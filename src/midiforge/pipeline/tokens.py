@@ -117,7 +117,7 @@ def rows_table(columns: dict, schema: pa.Schema = SCHEMA) -> pa.Table:
     missing = [f.name for f in schema if f.name not in columns]
     extra = [c for c in columns if c not in schema.names]
     if missing or extra:
-        raise MidiforgeError(f"token shard rows: " + "; ".join(
+        raise MidiforgeError("token shard rows: " + "; ".join(
             ([f"missing columns {missing}"] if missing else []) + ([f"unknown columns {extra}"] if extra else [])))
     arrays = []
     for f in schema:

@@ -55,6 +55,11 @@ def inspect_model_dir(store: Store) -> RunState:
     return RunState(run, finished, read_index(store), metrics, f"{BACKUP_PREFIX}/manifest.json" in objects, foreign)
 
 
+def read_metrics(store) -> list[dict]:
+    """The records of MODEL_DIR's metrics.jsonl, one per epoch (none when it has no such file)."""
+    return _parse_metrics(store.read_bytes(METRICS), store.url(METRICS)) if store.exists(METRICS) else []
+
+
 def _parse_metrics(data: bytes, where: str) -> list[dict]:
     out = []
     for i, line in enumerate(data.decode().splitlines(), 1):
