@@ -203,3 +203,16 @@ def test_an_empty_src_is_refused_unless_allowed(tmp_path):
     m = json.loads((tmp_path / "dest" / "manifest.json").read_text())
     assert m["inputs"] == 0 == m["pieces"] and m["shards"] == []
     assert "shards: none (no inputs)" in r.stdout
+
+
+@pytest.mark.parametrize("flag", ["--workers", "--batch-files"])
+def test_zero_workers_or_batch_files_is_a_usage_error_not_a_hang(tmp_path, capsys, flag):
+    """--workers 0 started a Ray with no CPU and waited for one forever: now argparse refuses it."""
+    from midiforge.cli import main
+
+    (tmp_path / "src").mkdir()
+    with pytest.raises(SystemExit) as exc:
+        main(["preprocess", str(tmp_path / "src"), str(tmp_path / "out"), flag, "0"])
+    assert exc.value.code == 2
+    assert f"argument {flag}: 0 must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

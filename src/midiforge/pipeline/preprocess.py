@@ -41,6 +41,7 @@ from midiforge.pipeline.preprocess_plan import FILE_TIMEOUT, cap_bytes, plan_bat
 from midiforge.pipeline.preprocess_runner import BatchRunner
 from midiforge.pipeline.ray_runtime import start_ray
 from midiforge.storage import StorageOptions, open_store, read_manifest
+from midiforge.storage.cli_options import positive_int
 
 # what other modules, tests and benchmarks take from here
 __all__ = ["InputRef", "PreprocessSettings", "add_arguments", "list_inputs", "main", "process_batch", "run_preprocess",
@@ -290,8 +291,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     x.add_argument("--cluster", choices=("none", "slurm"), default="none",
                    help="slurm: start a Ray cluster across this Slurm job's nodes for the run and stop it after "
                         "(run inside sbatch: slurm/preprocess.sbatch); default none")
-    x.add_argument("--workers", type=int, help="parallel tasks (default: every CPU of the cluster)")
-    x.add_argument("--batch-files", type=int, help="files per Ray task (default: automatic)")
+    x.add_argument("--workers", type=positive_int, help="parallel tasks (default: every CPU of the cluster)")
+    x.add_argument("--batch-files", type=positive_int, help="files per Ray task (default: automatic)")
     x.add_argument("--file-timeout", type=float, default=FILE_TIMEOUT, metavar="SECONDS",
                    help="seconds one file may take beyond what its size predicts; a batch gets that plus 10x its "
                         "predicted time, then it is cut down to the file that hangs, which fails as timeout "

@@ -40,7 +40,7 @@ def add_storage_arguments(parser: argparse.ArgumentParser) -> None:
              "(default: $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, else AWS)",
     )
     group.add_argument(
-        "--s3-max-attempts", type=_positive_int, default=None, metavar="N",
+        "--s3-max-attempts", type=positive_int, default=None, metavar="N",
         help=f"attempts per S3 request in boto3's standard retry mode (default: {_DEFAULTS.max_attempts})",
     )
     group.add_argument(
@@ -84,7 +84,8 @@ def retry_seconds_from_env() -> float:
         raise MidiforgeError(f"${RETRY_ENV}: {exc}") from None
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
     try:
         value = int(text)
     except ValueError:
