@@ -18,7 +18,7 @@ from midiforge.errors import MidiforgeError
 COMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("midiforge.pipeline.preprocess", "MIDI and score files -> Parquet token shards (Ray)"),
     "train": ("midiforge.pipeline.train", "token shards -> LSTM model bundle (tf.distribute)"),
-    "generate": ("midiforge.pipeline.generate", "model bundle -> MIDI pieces from random seeds (Ray)"),
+    "generate": ("midiforge.pipeline.generate", "model bundle -> MIDI pieces from seeds, optionally continuing primers (Ray)"),
     "verify": ("midiforge.pipeline.verify", "check a stage's output against its manifest"),
     "evaluate": ("midiforge.pipeline.evaluate", "generated pieces against a reference: metrics, loops, copies, loss"),
     "report": ("midiforge.pipeline.report", "one static HTML page of a run: curves, evaluation, pieces"),
@@ -27,12 +27,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser(available: dict[str, object]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="midiforge", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="midiforge", description=__doc__.splitlines()[0].replace("``", ""))
     parser.add_argument("--version", action="version", version=f"midiforge {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module in available.items():
         _, help_text = COMMANDS[name]
-        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip())
+        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip().replace("``", ""))
         module.add_arguments(p)
     return parser
 
