@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -96,3 +97,12 @@ class RayHead:
         for node in reversed(self._nodes):
             node.stop()
         self._head.stop()
+
+
+def namespaces_missing() -> str | None:
+    """Why this machine cannot make a network + PID namespace for a test cluster (None: it can)."""
+    if not (shutil.which("unshare") and shutil.which("ip")):
+        return "needs unshare and ip (util-linux, iproute2)"
+    probe = subprocess.run(["unshare", "--net", "--map-root-user", "--pid", "--fork", "--mount-proc", "true"],
+                           capture_output=True, text=True, timeout=30)
+    return None if probe.returncode == 0 else f"cannot create a network+PID namespace here: {probe.stderr.strip()}"

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from corpora import corpus
+from raycluster import namespaces_missing
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.timeout(1200)]
 
@@ -99,14 +100,6 @@ SCRIPT = textwrap.dedent(r"""
 """)
 
 
-def _namespaces_missing() -> str | None:
-    if not (shutil.which("unshare") and shutil.which("ip")):
-        return "needs unshare and ip (util-linux, iproute2)"
-    probe = subprocess.run(["unshare", "--net", "--map-root-user", "--pid", "--fork", "--mount-proc", "true"],
-                           capture_output=True, text=True, timeout=30)
-    return None if probe.returncode == 0 else f"cannot create a network+PID namespace here: {probe.stderr.strip()}"
-
-
 def _outcome(dest: Path) -> tuple[dict, list]:
     m = json.loads((dest / "manifest.json").read_text())
     assert m["inputs"] == m["pieces"] + m["duplicates"] + m["failures"]
@@ -122,7 +115,7 @@ def _outcome(dest: Path) -> tuple[dict, list]:
 
 
 def test_a_worker_node_killed_mid_run_leaves_the_output_exact(tmp_path):
-    missing = _namespaces_missing()
+    missing = namespaces_missing()
     if missing:
         pytest.skip(missing)
     src = tmp_path / "src"

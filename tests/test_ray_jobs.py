@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from raycluster import namespaces_missing
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "corpora"
 
@@ -33,17 +35,9 @@ def _base_env(**extra) -> dict:
     return env
 
 
-def _namespaces_missing() -> str | None:
-    if not (shutil.which("unshare") and shutil.which("ip")):
-        return "needs unshare and ip (util-linux, iproute2)"
-    probe = subprocess.run(["unshare", "--net", "--map-root-user", "--pid", "--fork", "--mount-proc", "true"],
-                           capture_output=True, text=True, timeout=30)
-    return None if probe.returncode == 0 else f"cannot create a network+PID namespace here: {probe.stderr.strip()}"
-
-
 @pytest.mark.timeout(1500)
 def test_each_stage_submitted_with_ray_job_submit_to_a_two_node_cluster():
-    why = _namespaces_missing()
+    why = namespaces_missing()
     if why:
         pytest.skip(why)
     if not (SHARED / "ff").is_dir():
