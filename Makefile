@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/midiforge demo --out $(DEMO_OUT)
 
 # everything but the tests on the real clusters (marker "cluster"): those need root, Slurm and network namespaces
-# and take ~15 minutes; `make test-cluster` runs them (CI runs both)
+# and take ~9 minutes on 2 cores; `make test-cluster` runs them (CI runs both)
 test: $(STAMP)
 	$(BIN)/python -m pytest -ra -m "not cluster"
 
